@@ -1,0 +1,181 @@
+"""Command line: ``python train.py fit --config configs/experiments/<name>.yaml`` (LightningCLI).
+
+Adds to Lightning's CLI (https://lightning.ai/docs/pytorch/stable/cli/lightning_cli.html):
+
+* the data module's image shape and classes are linked into the model (``data.conditional`` decides),
+  ``seed_everything`` into the model's training-noise seed;
+* ``checkpoint``: periodic checkpoints every K steps plus ``last.ckpt`` under
+  ``<default_root_dir>/checkpoints`` (so ``--ckpt_path last`` finds them whatever the logger);
+* ``final_samples``: at the end of ``fit`` the EMA model samples a grid and its path is printed;
+* W&B is the default logger; with no API key it runs offline, never prompts and never uploads
+  checkpoints; the run config carries ``arch, kernel, size, subset_seed, seed`` and the W&B group is the
+  experiment name (the config file's stem unless ``--trainer.logger.init_args.group`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
+
+from .data import SubsetDataModule
+from .module import ARCHS, DiffusionModule
+
+__all__ = ["ReproCLI", "ReproWandbLogger", "RunCheckpoint", "FinalSamples", "main", "wandb_offline"]
+
+
+def wandb_offline() -> bool:
+    """True unless W&B credentials are available (``WANDB_API_KEY`` or a netrc entry for api.wandb.ai)."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    try:
+        return "api.wandb.ai" not in netrc.read_text()
+    except OSError:
+        return True
+
+
+class ReproWandbLogger(WandbLogger):
+    """W&B logger that goes offline by itself when there are no credentials (and then uploads no model)."""
+
+    def __init__(self, project: str = "lightning_repro", group: str | None = None, name: str | None = None,
+                 save_dir: str | None = None, offline: bool | None = None, log_model: bool | str = False,
+                 tags: list[str] | None = None, **kwargs):
+        if offline is None:
+            offline = wandb_offline()
+        if offline:
+            os.environ["WANDB_MODE"] = "offline"
+            log_model = False
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_CONSOLE", "off")
+        save_dir = save_dir or os.environ.get("WANDB_DIR") or "."
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        super().__init__(project=project, group=group, name=name, save_dir=save_dir, offline=offline,
+                         log_model=log_model, tags=tags, **kwargs)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose default folder is ``<default_root_dir>/checkpoints`` for every logger."""
+
+    def setup(self, trainer, pl_module, stage):
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+
+class FinalSamples(Callback):
+    """At the end of ``fit``: sample ``num_samples`` fixed seeds with the EMA model, save a grid, print a summary."""
+
+    def __init__(self, num_samples: int = 64, sampler: str = "heun", steps: int = 18, enabled: bool = True):
+        self.num_samples, self.sampler, self.steps, self.enabled = num_samples, sampler, steps, enabled
+        self._t0 = time.time()
+        self.grid_path: Path | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        self._t0 = time.time()
+
+    def on_fit_end(self, trainer, pl_module: DiffusionModule):
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        from .viz import save_grid
+
+        seeds = list(range(self.num_samples))
+        labels = None
+        if pl_module.num_classes:
+            labels = torch.tensor([s % pl_module.num_classes for s in seeds], device=pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        images = pl_module.sample(seeds, labels=labels, sampler=self.sampler, steps=self.steps)
+        pl_module.train(was_training)
+        self.grid_path = save_grid(images, Path(trainer.default_root_dir) / "samples" / "final.png",
+                                   nrow=10 if pl_module.num_classes == 10 else None)
+        loss = trainer.callback_metrics.get("train/loss")
+        ckpt = next((cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), "")
+        cfg = pl_module.run_config(getattr(trainer, "datamodule", None))
+        print(f"done: arch={cfg['arch']} kernel={cfg['kernel']} size={cfg.get('size')} steps={trainer.global_step} "
+              f"loss={float(loss) if loss is not None else float('nan'):.4f} time={time.time() - self._t0:.0f}s | "
+              f"samples: {self.grid_path} | checkpoint: {ckpt}", flush=True)
+
+
+class ReproCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.every_n_train_steps": 1000, "checkpoint.save_last": True,
+                             "checkpoint.save_top_k": -1, "checkpoint.filename": "step_{step:07d}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(FinalSamples, "final_samples")
+        parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("seed_everything", "model.init_args.seed",
+                              compute_fn=lambda s: int(s) if not isinstance(s, bool) else 0)
+
+    def before_instantiate_classes(self):
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        root = cfg.trainer.default_root_dir or os.getcwd()
+        os.environ.setdefault("WANDB_DIR", str(root))
+        Path(root).mkdir(parents=True, exist_ok=True)
+        logger = cfg.trainer.logger
+        if logger is not None and not isinstance(logger, bool) and hasattr(logger, "init_args"):
+            init = logger.init_args
+            if "group" in init and init.group is None:
+                files = cfg.get("config") or []
+                init.group = Path(str(files[-1])).stem if files else "default"
+
+    def before_fit(self):
+        logger = self.trainer.logger
+        if logger is not None:
+            logger.log_hyperparams(self.model.run_config(self.datamodule))
+
+
+def _check_arch(argv: list[str]) -> None:
+    """One clear sentence for an unknown ``--model`` (jsonargparse's own message is a page of usage)."""
+    names = {c.__name__ for c in ARCHS.values()}
+    for i, a in enumerate(argv):
+        val = None
+        if a in ("--model", "--model.class_path") and i + 1 < len(argv):
+            val = argv[i + 1]
+        elif a.startswith(("--model=", "--model.class_path=")):
+            val = a.split("=", 1)[1]
+        if val is not None and not val.startswith(("{", "[")) and not val.endswith((".yaml", ".yml", ".json")):
+            short = val.rsplit(".", 1)[-1]
+            if short not in names and short.lower() not in ARCHS:
+                raise SystemExit(f"error: unknown architecture {val!r}; valid architectures are: "
+                                 f"{', '.join(sorted(names))} (e.g. --model EDM).")
+
+
+def main(argv: list[str] | None = None) -> ReproCLI | None:
+    argv = sys.argv[1:] if argv is None else argv
+    _check_arch(argv)
+    torch.set_float32_matmul_precision("high")
+    try:
+        return ReproCLI(
+            DiffusionModule,
+            SubsetDataModule,
+            subclass_mode_model=True,
+            seed_everything_default=0,
+            trainer_defaults={
+                "logger": {"class_path": "lightning_repro.cli.ReproWandbLogger"},
+                "max_steps": 1000,
+                "val_check_interval": 500,
+                "check_val_every_n_epoch": None,
+                "num_sanity_val_steps": 0,
+                "log_every_n_steps": 10,
+            },
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    except (ValueError, FileNotFoundError) as err:  # bad input: one sentence, no stack trace
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Size-controlled training subsets (the paper's N = 2^k training sets, Sec. 3.1).
+
+``SubsetDataModule(source, size, subset_seed)`` keeps the first ``size`` images of one permutation of the
+source fixed by ``subset_seed``, so smaller subsets are nested in larger ones (as the paper's subsets of
+CIFAR-10).  ``class_balanced=True`` orders the permutation round-robin over classes, so every prefix is
+as balanced as possible and still nested.
+
+Training batches are an infinite, resumable stream: global step ``k`` uses stream positions
+``[k*G, (k+1)*G)`` with ``G = batch_size * world_size`` (the *effective* batch), where the stream is the
+concatenation of per-epoch permutations of the subset seeded by ``(subset_seed, epoch)``.  Rank ``r``
+takes its slice ``[r*batch_size, (r+1)*batch_size)`` of each global batch, so ranks never overlap, the
+global batch does not depend on the number of ranks, and a resumed run (``--ckpt_path last``) continues
+at exactly the batch it stopped before.  ``N = 16`` still fills a batch of 128.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from .sources import ImageSource, get_source
+
+__all__ = ["SubsetDataModule", "subset_indices", "InfiniteBatchStream", "SeedDataset"]
+
+
+def subset_indices(source: ImageSource, size: int | None, subset_seed: int = 0, class_balanced: bool = False) -> Tensor:
+    """Indices of the first ``size`` images of the ``subset_seed`` permutation (nested in ``size``)."""
+    n = len(source)
+    if size is None:
+        size = n
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"data.size must be a positive integer, got {size!r}.")
+    if size > n:
+        raise ValueError(f"data.size={size} is larger than the {source.name} source, which has {n} images.")
+    g = torch.Generator().manual_seed(int(subset_seed))
+    perm = torch.randperm(n, generator=g)
+    if class_balanced:
+        if source.labels is None:
+            raise ValueError(f"class_balanced needs labels, but the {source.name} source has none.")
+        labels = source.labels[perm]
+        # rank of each image within its class (in permutation order); sort by (rank, class) = round robin.
+        rank = torch.zeros(n, dtype=torch.long)
+        for c in labels.unique():
+            m = labels == c
+            rank[m] = torch.arange(int(m.sum()))
+        order = torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)
+        perm = perm[order]
+    return perm[:size]
+
+
+class InfiniteBatchStream(IterableDataset):
+    """Yields ``(images, labels)`` batches for global steps ``start, start+1, ...`` (see module docstring)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1, flip: bool = False):
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
+        self.rank, self.world_size, self.flip = rank, world_size, flip
+        self._epoch, self._perm = -1, None
+
+    def _perm_of(self, epoch: int) -> Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(len(self.images), generator=g), epoch
+        return self._perm
+
+    def positions(self, step: int) -> Tensor:
+        """Stream positions of this rank's part of the global batch at ``step``."""
+        g = self.batch_size * self.world_size
+        start = step * g + self.rank * self.batch_size
+        return torch.arange(start, start + self.batch_size)
+
+    def indices(self, step: int) -> Tensor:
+        n = len(self.images)
+        pos = self.positions(step)
+        out = torch.empty_like(pos)
+        for e in pos.div(n, rounding_mode="floor").unique().tolist():
+            m = pos // n == e
+            out[m] = self._perm_of(int(e))[pos[m] % n]
+        return out
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        idx = self.indices(step)
+        x = self.images[idx]
+        if self.flip:  # deterministic per (seed, step, rank)
+            g = torch.Generator().manual_seed(int(self.seed) * 7919 + step * 104729 + self.rank)
+            m = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(m[:, None, None, None], x.flip(-1), x)
+        return x, self.labels[idx]
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class SeedDataset(Dataset):
+    """Seeds (with their class labels) for sampling at validation; each item is ``(seed, label)``."""
+
+    def __init__(self, seeds: list[int], labels: list[int] | None = None):
+        self.seeds, self.labels = list(seeds), labels
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, i):
+        return self.seeds[i], (self.labels[i] if self.labels is not None else -1)
+
+
+class SubsetDataModule(L.LightningDataModule):
+    """A nested, seeded training subset of a source, served as an infinite resumable batch stream.
+
+    Args:
+        source: ``digits`` | ``cifar10`` | ``cifar100`` | ``folder`` | ``npz`` | ``mog``.
+        size: number of training images N (``None``: the whole source).
+        subset_seed: seed of the permutation whose first N images form the subset.
+        batch_size: per-device batch; the effective batch is ``batch_size * world_size``.
+        flip: random horizontal flips (off by default: the paper trains without augmentation).
+        class_balanced: round-robin class order so every N is balanced.
+        conditional: train a class-conditional model (the model's ``num_classes`` is linked to this).
+        source_kwargs: options of the source (``root``, ``download``, ``resolution``, ``path``, ...).
+        classes: keep only these labels of the source (relabelled 0..len-1).
+        val_seeds: number of fixed seeds sampled at each validation (seeds 0..val_seeds-1).
+    """
+
+    def __init__(
+        self,
+        source: str = "digits",
+        size: int | None = None,
+        subset_seed: int = 0,
+        batch_size: int = 128,
+        flip: bool = False,
+        class_balanced: bool = False,
+        conditional: bool = False,
+        source_kwargs: dict[str, Any] | None = None,
+        classes: list[int] | None = None,
+        val_seeds: int = 64,
+        data_seed: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.source_name, self.size, self.subset_seed = source, size, subset_seed
+        self.batch_size, self.flip, self.class_balanced = batch_size, flip, class_balanced
+        self.conditional, self.source_kwargs, self.classes = conditional, dict(source_kwargs or {}), classes
+        self.val_seeds = val_seeds
+        self.data_seed = subset_seed if data_seed is None else data_seed
+        self._source: ImageSource | None = None
+        self._indices: Tensor | None = None
+
+    # -- the subset ---------------------------------------------------------------------------
+    @property
+    def source(self) -> ImageSource:
+        if self._source is None:
+            self._source = get_source(self.source_name, classes=self.classes, **self.source_kwargs)
+            if self.conditional and self._source.labels is None:
+                raise ValueError(f"data.conditional is true but the {self.source_name} source has no labels.")
+            self._indices = subset_indices(self._source, self.size, self.subset_seed, self.class_balanced)
+        return self._source
+
+    @property
+    def indices(self) -> Tensor:
+        _ = self.source
+        return self._indices  # type: ignore[return-value]
+
+    @property
+    def images(self) -> Tensor:
+        """The subset's images, float32 N×C×H×W in [-1, 1] (for GL and the optimal denoiser)."""
+        return self.source.images[self.indices]
+
+    @property
+    def labels(self) -> Tensor | None:
+        return None if self.source.labels is None else self.source.labels[self.indices]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.source.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the *model* is conditioned on: the source's when ``conditional``, else 0."""
+        return self.source.num_classes if self.conditional else 0
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int, int]:
+        t = self.trainer
+        if t is None:
+            return 0, 1, 0
+        return t.global_rank, t.world_size, t.global_step
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world, step = self._rank_world()
+        labels = self.labels if (self.conditional and self.labels is not None) else torch.full((len(self.indices),), -1)
+        stream = InfiniteBatchStream(self.images, labels, self.batch_size, self.data_seed, start_step=step,
+                                     rank=rank, world_size=world, flip=self.flip)
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        seeds = list(range(self.val_seeds))
+        labels = [s % self.source.num_classes for s in seeds] if self.num_classes else None
+        return DataLoader(SeedDataset(seeds, labels), batch_size=max(1, min(self.val_seeds, 256)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source_name, "size": len(self.indices), "subset_seed": self.subset_seed,
+                "image_shape": list(self.image_shape), "num_classes": self.num_classes}

@@ -1,0 +1,351 @@
+"""``DiffusionModule``: network + kernel + preconditioning + loss, trained with Lightning.
+
+Training (Karras et al. 2022, Eq. 2 and Sec. 5): draw ``sigma`` from the kernel's training-noise
+distribution, ``n ~ N(0, I)``, and minimise ``lambda(sigma) || D(x_0 + sigma n; sigma) - x_0 ||^2``.
+The EMA of the weights (EDM's half-life in thousands of images, with ramp-up) is the model used for all
+sampling and evaluation.  Presets (DESIGN.md): ``DDPM`` (Ho et al. 2020 U-Net), ``EDM`` (DDPM++ U-Net of
+Song et al. 2021 as in Karras et al. 2022), ``UViT`` (Bao et al. 2023) and ``DiT`` (Peebles & Xie 2023),
+each with any kernel: ``vp``, ``vp_discrete``, ``subvp``, ``ve``, ``edm``.
+
+The training noise of step ``k`` is drawn from a generator seeded by ``(seed, k, rank)``, so a resumed run
+(``--ckpt_path last``) repeats exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .kernels import Kernel, VPKernel, get_kernel
+from .precond import Precond, get_precond
+
+__all__ = ["DiffusionModule", "DDPM", "EDM", "UViT", "DiT", "load_denoiser", "load_checkpoint", "ARCHS",
+           "default_precond"]
+
+CKPT_KEY = "lightning_repro"
+
+
+def default_precond(kernel: Kernel) -> str:
+    """EDM kernel -> EDM preconditioning; discrete VP -> DDPM timesteps; other kernels -> epsilon-prediction."""
+    if kernel.name == "edm":
+        return "edm"
+    if isinstance(kernel, VPKernel) and kernel.discrete:
+        return "ddpm"
+    return "eps"
+
+
+class DiffusionModule(L.LightningModule):
+    """Base LightningModule; subclasses define ``build_net()``.
+
+    Args:
+        kernel: ``vp`` | ``vp_discrete`` | ``subvp`` | ``ve`` | ``edm``.
+        kernel_kwargs: constants of the kernel (e.g. ``{"sigma_max": 100}``).
+        precond: ``eps`` | ``ddpm`` | ``x0`` | ``v`` | ``edm``; default follows the kernel.
+        image_shape: C, H, W (linked from the data module by the CLI).
+        num_classes: 0 for unconditional (linked from ``data.conditional``).
+        lr, weight_decay, betas, warmup_steps: AdamW with linear warm-up.
+        ema_halflife_kimg, ema_rampup_ratio: EMA half-life in thousands of images (Karras et al. 2022).
+        label_dropout: probability of replacing the label by the null class (classifier-free guidance).
+        val_sampler, val_steps: deterministic sampler for the validation grid.
+        seed: seed of the training noise stream (defaults to 0; the CLI links ``seed_everything``).
+        channels_last, compile: speed options for GPUs.
+    """
+
+    arch: str = "base"
+
+    def __init__(
+        self,
+        kernel: str = "edm",
+        kernel_kwargs: dict[str, Any] | None = None,
+        precond: str | None = None,
+        image_shape: tuple[int, int, int] = (1, 8, 8),
+        num_classes: int = 0,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        ema_halflife_kimg: float = 0.5,
+        ema_rampup_ratio: float | None = 0.05,
+        label_dropout: float = 0.0,
+        val_sampler: str = "heun",
+        val_steps: int = 18,
+        seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.kernel = get_kernel(kernel, **(kernel_kwargs or {}))
+        self.image_shape = tuple(int(v) for v in image_shape)
+        self.num_classes = int(num_classes)
+        self.precond_name = precond or default_precond(self.kernel)
+        net = self.build_net()
+        self.model: Precond = get_precond(self.precond_name, net, self.kernel)
+        self.ema: Precond = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self._val_images: list[Tensor] = []
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.ema = self.ema.to(memory_format=torch.channels_last)
+        # kept out of the module tree (no duplicate state_dict keys)
+        self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
+
+    # -- to be defined by presets -------------------------------------------------------------
+    def build_net(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define build_net().")
+
+    def net_kwargs(self) -> dict[str, Any]:
+        c, h, w = self.image_shape
+        if h != w:
+            raise ValueError(f"image_shape {self.image_shape}: only square images are supported.")
+        return dict(img_resolution=h, in_channels=c, out_channels=c, num_classes=self.num_classes)
+
+    # -- the loss -----------------------------------------------------------------------------
+    def step_generator(self, step: int, device) -> torch.Generator:
+        rank = self.global_rank if self._trainer is not None else 0
+        g = torch.Generator(device=device)
+        g.manual_seed((int(self.hparams.seed) * 1_000_003 + int(step)) * 1009 + int(rank))
+        return g
+
+    def draw_noise(self, x0: Tensor, labels: Tensor, generator: torch.Generator):
+        """Training draws of one step: ``sigma`` (B,), ``noise`` like x0, labels after dropout."""
+        sigma = self.kernel.sample_sigma(x0.shape[0], generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        p = float(self.hparams.label_dropout)
+        if p > 0 and self.num_classes:
+            drop = torch.rand(x0.shape[0], generator=generator, device=x0.device) < p
+            labels = torch.where(drop, torch.full_like(labels, -1), labels)
+        return sigma, noise, labels
+
+    def loss_fn(self, x0: Tensor, labels: Tensor | None, sigma: Tensor, noise: Tensor) -> Tensor:
+        """``mean( lambda(sigma) * || D(x0 + sigma n; sigma) - x0 ||^2 )`` (Karras et al. 2022, Eq. 2)."""
+        x = x0 + sigma.view(-1, 1, 1, 1).to(x0.dtype) * noise
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        D = self._forward(x, sigma, labels if self.num_classes else None)
+        w = self.kernel.loss_weight(sigma.double()).float().view(-1, 1, 1, 1)
+        return (w * (D.float() - x0.float()) ** 2).mean()
+
+    def training_step(self, batch, batch_idx):
+        x0, labels = batch
+        if self.num_classes and labels is not None and (labels < 0).all():
+            raise ValueError("the model is class-conditional but the data module serves no labels "
+                             "(set data.conditional: true).")
+        g = self.step_generator(self.global_step, x0.device)
+        sigma, noise, labels = self.draw_noise(x0, labels, g)
+        loss = self.loss_fn(x0, labels, sigma, noise)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # -- EMA ----------------------------------------------------------------------------------
+    def ema_beta(self) -> float:
+        """Per-step EMA decay from the half-life in images (Karras et al. 2022, training/training_loop.py)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        batch = (getattr(dm, "batch_size", None) or 1) * world
+        half = float(self.hparams.ema_halflife_kimg) * 1000.0
+        if self.hparams.ema_rampup_ratio is not None:
+            half = min(half, (self.global_step + 1) * batch * float(self.hparams.ema_rampup_ratio))
+        return 0.5 ** (batch / max(half, 1e-8))
+
+    @torch.no_grad()
+    def update_ema(self, beta: float) -> None:
+        ema_p = list(self.ema.parameters())
+        p = [q.detach() for q in self.model.parameters()]
+        torch._foreach_lerp_(ema_p, p, 1.0 - beta)
+        for eb, b in zip(self.ema.buffers(), self.model.buffers()):
+            eb.copy_(b)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        beta = self.ema_beta()
+        self.update_ema(beta)
+        self.log("train/ema_beta", beta)
+
+    # -- optimiser ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                weight_decay=self.hparams.weight_decay, fused=fused or None)
+        warm = int(self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- validation: a fixed-seed sample grid with the EMA denoiser -------------------------
+    def sample(self, seeds, labels=None, sampler: str | None = None, steps: int | None = None, **kw) -> Tensor:
+        from .sampling import sample
+
+        return sample(self.ema, self.kernel, list(seeds), self.image_shape, sampler=sampler or self.hparams.val_sampler,
+                      steps=steps or self.hparams.val_steps, labels=labels, device=self.device, **kw)
+
+    def validation_step(self, batch, batch_idx):
+        seeds, labels = batch
+        lab = labels.to(self.device) if self.num_classes else None
+        self._val_images.append(self.sample(seeds.tolist(), labels=lab).cpu())
+
+    def on_validation_epoch_end(self):
+        if not self._val_images:
+            return
+        images = torch.cat(self._val_images)
+        self._val_images.clear()
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        from .viz import save_grid
+
+        out = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png"
+        save_grid(images, out)
+        self.last_grid_path = out
+        logger = self.logger
+        if logger is not None and hasattr(logger, "log_image"):
+            logger.log_image("val/samples", [str(out)], step=self.global_step)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def run_config(self, dm=None) -> dict[str, Any]:
+        """The keys every run carries (W&B config, checkpoint metadata)."""
+        if dm is None and self._trainer is not None:
+            dm = getattr(self.trainer, "datamodule", None)
+        cfg = {"arch": self.arch, "kernel": self.kernel.name, "precond": self.precond_name,
+               "image_shape": list(self.image_shape), "num_classes": self.num_classes, "seed": int(self.hparams.seed)}
+        if dm is not None and hasattr(dm, "describe"):
+            d = dm.describe()
+            cfg.update(size=d["size"], subset_seed=d["subset_seed"], source=d["source"], data=dict(dm.hparams))
+        return cfg
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint[CKPT_KEY] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hparams": dict(self.hparams),
+                                "kernel": self.kernel.config(), **self.run_config()}
+
+
+def _unet_kwargs(model_channels, channel_mult, num_blocks, attn_resolutions, dropout) -> dict[str, Any]:
+    return dict(model_channels=model_channels, channel_mult=tuple(channel_mult), num_blocks=num_blocks,
+                attn_resolutions=tuple(attn_resolutions), dropout=dropout)
+
+
+class EDM(DiffusionModule):
+    """DDPM++ U-Net (Song et al. 2021) as configured by EDM (Karras et al. 2022, ``ddpmpp``).
+
+    CIFAR-10: ``model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16]`` is the
+    55,732,739-parameter network; the paper's own runs use ``model_channels=64`` (13,956,355).
+    """
+
+    arch = "edm"
+
+    def __init__(self, model_channels: int = 128, channel_mult: list[int] = (2, 2, 2), num_blocks: int = 4,
+                 attn_resolutions: list[int] = (16,), dropout: float = 0.10, kernel: str = "edm", **kwargs):
+        self._net_cfg = _unet_kwargs(model_channels, channel_mult, num_blocks, attn_resolutions, dropout)
+        super().__init__(kernel=kernel, **kwargs)
+
+    def build_net(self) -> nn.Module:
+        from .nets.edm_unet import SongUNet
+
+        return SongUNet(**self.net_kwargs(), **self._net_cfg)
+
+
+class DDPM(DiffusionModule):
+    """The U-Net of Ho et al. 2020 (CIFAR-10: 128 channels, [1, 2, 2, 2], 2 blocks, attention at 16; 35.7M)."""
+
+    arch = "ddpm"
+
+    def __init__(self, model_channels: int = 128, channel_mult: list[int] = (1, 2, 2, 2), num_blocks: int = 2,
+                 attn_resolutions: list[int] = (16,), dropout: float = 0.10, kernel: str = "vp", **kwargs):
+        self._net_cfg = _unet_kwargs(model_channels, channel_mult, num_blocks, attn_resolutions, dropout)
+        super().__init__(kernel=kernel, **kwargs)
+
+    def build_net(self) -> nn.Module:
+        from .nets.ddpm_unet import DDPMUNet
+
+        return DDPMUNet(**self.net_kwargs(), **self._net_cfg)
+
+
+class UViT(DiffusionModule):
+    """U-ViT (Bao et al. 2023); CIFAR-10 U-ViT-S/2: patch 2, depth 12 (13 blocks), width 512, 8 heads."""
+
+    arch = "uvit"
+
+    def __init__(self, patch_size: int = 2, embed_dim: int = 512, depth: int = 12, num_heads: int = 8,
+                 mlp_ratio: float = 4.0, kernel: str = "vp", **kwargs):
+        self._net_cfg = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             mlp_ratio=mlp_ratio)
+        super().__init__(kernel=kernel, **kwargs)
+
+    def build_net(self) -> nn.Module:
+        from .nets.uvit import UViT as UViTNet
+
+        return UViTNet(**self.net_kwargs(), **self._net_cfg)
+
+
+class DiT(DiffusionModule):
+    """DiT (Peebles & Xie 2023) in pixel space; DiT-S/2: patch 2, depth 12, width 384, 6 heads."""
+
+    arch = "dit"
+
+    def __init__(self, patch_size: int = 2, hidden_size: int = 384, depth: int = 12, num_heads: int = 6,
+                 mlp_ratio: float = 4.0, kernel: str = "edm", **kwargs):
+        self._net_cfg = dict(patch_size=patch_size, hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                             mlp_ratio=mlp_ratio)
+        super().__init__(kernel=kernel, **kwargs)
+
+    def build_net(self) -> nn.Module:
+        from .nets.dit import DiT as DiTNet
+
+        return DiTNet(**self.net_kwargs(), **self._net_cfg)
+
+
+ARCHS: dict[str, type[DiffusionModule]] = {"ddpm": DDPM, "edm": EDM, "uvit": UViT, "dit": DiT}
+
+
+# -- loading ------------------------------------------------------------------------------------
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``) with one clear sentence on failure."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle errors, ...
+        raise ValueError(f"checkpoint {path} could not be read (truncated or not a lightning_repro checkpoint?): "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"checkpoint {path} was not written by lightning_repro's DiffusionModule "
+                         f"(no '{CKPT_KEY}' metadata).")
+    return ckpt
+
+
+def _import(class_path: str):
+    import importlib
+
+    mod, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(mod), name)
+
+
+def module_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> DiffusionModule:
+    """Rebuild the DiffusionModule of a checkpoint (no training state) with its weights."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt[CKPT_KEY]
+    cls = _import(meta["class_path"])
+    module = cls(**meta["hparams"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.checkpoint_meta = meta
+    return module.to(map_location).eval()
+
+
+def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Precond, Kernel]:
+    """Checkpoint path -> (the EMA ``Denoiser`` in eval mode, its kernel)."""
+    module = module_from_checkpoint(path, device)
+    den = module.ema.eval().requires_grad_(False)
+    den.checkpoint_meta = module.checkpoint_meta  # image_shape, num_classes, data config, ...
+    return den, module.kernel
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()

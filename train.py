@@ -1,0 +1,6 @@
+"""Train a diffusion model: ``python train.py fit --config configs/experiments/<name>.yaml``."""
+
+from lightning_repro.cli import main
+
+if __name__ == "__main__":
+    main()
