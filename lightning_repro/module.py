@@ -218,7 +218,8 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
-        checkpoint[CKPT_KEY] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hparams": dict(self.hparams),
+        hparams = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        checkpoint[CKPT_KEY] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hparams": hparams,
                                 "kernel": self.kernel.config(), **self.run_config()}
 
 
