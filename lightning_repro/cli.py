@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from .data import SubsetDataModule
+from .kernels import get_kernel
 from .module import ARCHS, DiffusionModule
 
 __all__ = ["ReproCLI", "ReproWandbLogger", "RunCheckpoint", "FinalSamples", "main", "wandb_offline"]
@@ -120,9 +123,14 @@ class ReproCLI(LightningCLI):
 
     def before_instantiate_classes(self):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        init = cfg.model.get("init_args") if hasattr(cfg.model, "get") else None
+        if init is not None and init.get("kernel") is not None:  # one sentence instead of a validation dump
+            get_kernel(init.kernel, **(init.get("kernel_kwargs") or {}))
         root = cfg.trainer.default_root_dir or os.getcwd()
         os.environ.setdefault("WANDB_DIR", str(root))
         Path(root).mkdir(parents=True, exist_ok=True)
+        if "checkpoint" in cfg and cfg.checkpoint.dirpath is None:  # fixed before fit so --ckpt_path last finds it
+            cfg.checkpoint.dirpath = os.path.join(str(root), "checkpoints")
         logger = cfg.trainer.logger
         if logger is not None and not isinstance(logger, bool) and hasattr(logger, "init_args"):
             init = logger.init_args
@@ -153,9 +161,11 @@ def _check_arch(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> ReproCLI | None:
-    argv = sys.argv[1:] if argv is None else argv
-    _check_arch(argv)
+    """Run the CLI on ``argv`` (default: the command line)."""
+    _check_arch(sys.argv[1:] if argv is None else argv)
     torch.set_float32_matmul_precision("high")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval on purpose
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     try:
         return ReproCLI(
             DiffusionModule,
@@ -171,10 +181,23 @@ def main(argv: list[str] | None = None) -> ReproCLI | None:
                 "log_every_n_steps": 10,
             },
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
             args=argv,
         )
-    except (ValueError, FileNotFoundError) as err:  # bad input: one sentence, no stack trace
-        raise SystemExit(f"error: {err}") from None
+    except (ValueError, FileNotFoundError, ArgumentError) as err:  # bad input: one sentence, no stack trace
+        raise SystemExit(f"error: {_condense(str(err))}") from None
+
+
+def _condense(message: str) -> str:
+    """The sentence that matters in a jsonargparse validation dump (the model's own error, if any)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.startswith("- ") and "Expected a <class 'NoneType'>" not in ln:
+            ln = ln[2:]
+            return f"{ln} {lines[i + 1]}" if ln.endswith(":") and i + 1 < len(lines) else ln
+    if lines and lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else "invalid arguments (see --help)."
 
 
 if __name__ == "__main__":
