@@ -95,3 +95,16 @@ def test_bad_input_is_one_sentence(extra, message, tmp_path):
     assert "Traceback" not in p.stderr + p.stdout
     last = (p.stderr.strip().splitlines() or [""])[-1]
     assert last.startswith(message.replace("{tmp}", str(tmp_path))), last
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs" / "experiments").glob("*.yaml")))
+def test_shipped_configs_parse(config, capsys):
+    from lightning_repro.cli import main
+
+    if config.startswith(("fig", "phase")):
+        pytest.skip("study config, not a training config")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(ROOT / "configs" / "experiments" / config), "--print_config"])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: lightning_repro.module." in out and "data:" in out
