@@ -105,3 +105,49 @@ def test_bad_image_size_is_one_sentence():
         EDM(image_shape=(1, 6, 6), model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[])
     with pytest.raises(ValueError, match="Unknown kernel 'foo'"):
         tiny("edm", "foo")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import lightning as L
+
+    from lightning_repro.data import SubsetDataModule
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("ckpt")
+    m = tiny("edm", "vp")
+    dm = SubsetDataModule("digits", size=32, batch_size=8, val_seeds=4)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, precision="bf16-mixed", default_root_dir=str(tmp))
+    trainer.fit(m, dm)
+    path = tmp / "m.ckpt"
+    trainer.save_checkpoint(path)
+    return m, path
+
+
+def test_bf16_mixed_training_and_load_denoiser(trained):
+    from lightning_repro.kernels import VPKernel
+    from lightning_repro.module import load_denoiser
+
+    m, path = trained
+    assert m.global_step == 4 and all(torch.isfinite(p).all() for p in m.model.parameters())
+    den, kernel = load_denoiser(path)
+    assert isinstance(kernel, VPKernel) and not den.training
+    assert den.checkpoint_meta["size"] == 32 and den.checkpoint_meta["arch"] == "edm"
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(den(x, 2.0), m.ema.float().eval()(x, 2.0))
+    # the EMA moved away from the raw weights' initial copy but is not the raw model
+    assert any(not torch.equal(a, b) for a, b in zip(den.parameters(), m.model.parameters()))
+
+
+def test_truncated_or_missing_checkpoint_is_one_sentence(trained, tmp_path):
+    from lightning_repro.module import load_denoiser
+
+    _, path = trained
+    bad = tmp_path / "cut.ckpt"
+    bad.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"checkpoint .*cut.ckpt could not be read \(truncated or not a "):
+        load_denoiser(bad)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope.ckpt does not exist"):
+        load_denoiser(tmp_path / "nope.ckpt")
