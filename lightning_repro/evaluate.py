@@ -67,6 +67,22 @@ run (project ``lightning_repro``, group ``evaluate``; offline without credential
 ``--matrix`` writes ``rp_matrix.csv``, ``mae_matrix.csv``, ``rp_matrix.png``, ``mae_matrix.png``
 (annotated heatmaps in the style of the paper's Fig. 6) and ``matrix.json``.
 
+Precision: ``--precision bf16`` runs the network evaluations of checkpoints under bf16 autocast (the ODE
+solver stays in float32); it is recorded in the shards' provenance, so bf16 and float32 samples are never
+mixed.  ``optimal:`` denoisers always run in their own (float64) precision.
+
+Several processes (``torchrun --nproc_per_node N evaluate.py ...``, any number of nodes): the shards still
+to be sampled are dealt round robin to the ranks, each rank samples and writes its own shards, and after
+a barrier every rank reads the others' shards from the output folder (on several nodes ``--out`` must be on
+a file system they all see).  Descriptor features are computed in fixed chunks of ``FEATURE_CHUNK`` images,
+dealt round robin too and all-gathered, and the scores are then computed from the gathered features exactly
+as one process computes them (one process computes features in the same chunks), so the numbers equal the
+single-process ones exactly (summing per-rank metric states would not: float partial sums depend on the
+split, only the counts would be exact).  Rank 0
+alone prints, writes ``results.json`` / the grids / the matrices and logs to W&B.  Each rank uses
+``cuda:LOCAL_RANK`` (``--device`` overrides); ranks talk through a gloo process group (only host data is
+exchanged), which ``evaluate.py`` sets up itself from torchrun's environment.
+
 Bad input (malformed seeds, a missing or truncated checkpoint, ``--steps`` < 1, an unknown sampler, a
 pair of different image shapes or seed sets, a threshold outside (-1, 1], ...) ends the program with
 one sentence ``error: ...`` on stderr and exit status 2, without a stack trace.
@@ -97,7 +113,7 @@ from torch import Tensor
 from .data import SubsetDataModule
 from .data.sources import float_to_uint8, uint8_to_float
 from .kernels import Kernel, get_kernel
-from .sampling import DEFAULT_GRID, GRIDS, SAMPLERS, get_sigmas, parse_seeds, sample
+from .sampling import DEFAULT_GRID, GRIDS, SAMPLERS, autocast_dtype, get_sigmas, parse_seeds, sample
 from .sampling.grids import _ALIASES as _GRID_ALIASES
 from .viz import atomic_write_bytes, save_grid
 
@@ -113,11 +129,28 @@ __all__ = [
     "pair_scores",
     "shard_name",
     "FORMAT",
+    "FEATURE_CHUNK",
+    "init_distributed",
 ]
 
 FORMAT = "lightning_repro.samples/1"
 #: provenance fields that must agree for a shard to be reused
-MATCH_KEYS = ("format", "checkpoint_sha256", "sampler", "steps", "grid", "guidance", "kernel", "image_shape")
+MATCH_KEYS = (
+    "format",
+    "checkpoint_sha256",
+    "sampler",
+    "steps",
+    "grid",
+    "guidance",
+    "kernel",
+    "image_shape",
+    "precision",
+)
+#: value of a provenance field in shards written before the field existed
+MATCH_DEFAULTS = {"precision": "fp32"}
+#: images per descriptor call (and per rank's share of the feature work); fixed so that one process and N
+#: processes run the descriptor on the same batches and get bit-identical features
+FEATURE_CHUNK = 1024
 DEFAULT_SEEDS = "0-9999"
 
 
@@ -206,10 +239,63 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
+# ============================================================================ several processes (torchrun)
+
+
+def init_distributed() -> bool:
+    """Join the gloo process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1) and pick ``cuda:LOCAL_RANK``.
+
+    Returns True when this call created the group (the caller then destroys it at the end).
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", timeout=timedelta(hours=6))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return True
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (just ``[obj]`` in one process)."""
+    import torch.distributed as dist
+
+    world = _rank_world()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # ============================================================================ data specs (optimal:)
 
 _DM_KEYS = tuple(p for p in inspect.signature(SubsetDataModule.__init__).parameters if p != "self")
-_DM_DROP = ("batch_size", "val_seeds", "flip", "data_seed")  # do not change which images form the subset
+_DM_DROP = (
+    "batch_size",
+    "val_seeds",
+    "flip",
+    "data_seed",
+    "on_device",
+)  # do not change which images form the subset
 
 
 def _parse_value(key: str, text: str) -> Any:
@@ -599,10 +685,13 @@ def generate_samples(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
+    precision: str = "fp32",
 ) -> SampleSet:
     """Sample ``ref`` at ``seeds`` into seed-ranged shards under ``out``, skipping finished shards.
 
     Returns all requested samples (loaded from the shards) with counts of shards generated / skipped.
+    Under ``torch.distributed`` (torchrun) the shards to sample are dealt round robin to the ranks; every
+    rank returns all the samples (it reads the other ranks' shards after a barrier).
     """
     if ref.kind == "samples":
         raise ValueError(f"{ref.text} holds stored samples; it cannot be sampled again.")
@@ -612,6 +701,12 @@ def generate_samples(
     grid = _canonical_grid(grid, sampler)
     _check_positive(batch_size, "--batch-size")
     _check_positive(shard_size, "--shard-size")
+    precision, _ = autocast_dtype(precision)
+    if ref.kind == "optimal" and precision != "fp32":
+        log(
+            f"note: --precision {precision} does not apply to {ref.text}; the optimal denoiser runs in float64."
+        )
+        precision = "fp32"
     kernel = ref.kernel()
     sigmas = get_sigmas(grid, steps, kernel)
     lab_all = _labels_for(ref, seeds, class_label, labels)
@@ -634,6 +729,7 @@ def generate_samples(
         "kernel": kernel.config(),
         "kernel_spec": ref.kernel_spec,
         "image_shape": [c, h, w],
+        "precision": precision,
         "num_classes": ref.num_classes,
         "model": ref.info,
         "data": None if ref.data is None else _json_safe(ref.data),
@@ -656,9 +752,10 @@ def generate_samples(
                 log(f"warning: {path} is unreadable ({type(err).__name__}); regenerating it.")
             else:
                 for key in MATCH_KEYS:
-                    if have.get(key) != want[key]:
+                    if have.get(key, MATCH_DEFAULTS.get(key)) != want[key]:
                         raise ValueError(
-                            f"shard {path} was made with {key}={have.get(key)!r} but this run uses {want[key]!r}; "
+                            f"shard {path} was made with {key}={have.get(key, MATCH_DEFAULTS.get(key))!r} but this "
+                            f"run uses {want[key]!r}; "
                             "write to another --out folder, or pass --overwrite to regenerate it."
                         )
                 same_labels = (lab is None and "labels" not in arrays) or (
@@ -674,21 +771,24 @@ def generate_samples(
         todo.append((k, chunk, lab, path))
 
     total = sum(len(c) for _, c, _, _ in todo)
+    rank, world = _rank_world()
+    _barrier()  # every rank has planned from the same files before any rank writes one
+    mine = todo[rank::world]
     t0 = time.perf_counter()
-    if todo:
+    if mine:
         from tqdm.auto import tqdm
 
         den = ref.denoiser(dev)
         bar = tqdm(
-            total=total,
+            total=sum(len(c) for _, c, _, _ in mine),
             unit="img",
             desc=f"sampling {ref.label} ({sampler}, {steps} steps)",
-            disable=not progress,
+            disable=not progress or rank != 0,
             dynamic_ncols=True,
             file=sys.stderr,
         )
         with torch.inference_mode():
-            for k, chunk, lab, path in todo:
+            for k, chunk, lab, path in mine:
                 parts = []
                 for i in range(0, len(chunk), batch_size):
                     sub = chunk[i : i + batch_size]
@@ -705,6 +805,7 @@ def generate_samples(
                         guidance=guidance,
                         batch_size=len(sub),
                         device=dev,
+                        precision=precision,
                     )
                     parts.append(float_to_uint8(x))
                     bar.update(len(sub))
@@ -716,6 +817,10 @@ def generate_samples(
                     **({"labels": lab} if lab is not None else {}),
                 }
         bar.close()
+    _barrier()  # the other ranks' shards are written
+    for k, _, _, path in todo:
+        if k not in results:
+            results[k] = _read_npz(path)
     seconds = time.perf_counter() - t0
     order = range(len(chunks))
     s = SampleSet(
@@ -756,7 +861,7 @@ def load_samples(path: str | os.PathLike) -> SampleSet:
             prov0 = prov
         else:
             for key in MATCH_KEYS:
-                if prov.get(key) != prov0.get(key):
+                if prov.get(key, MATCH_DEFAULTS.get(key)) != prov0.get(key, MATCH_DEFAULTS.get(key)):
                     raise ValueError(
                         f"sample folder {path} mixes shards with different {key} ({prov0.get(key)!r} in {files[0].name}, "
                         f"{prov.get(key)!r} in {f.name}); keep one model and sampler per folder."
@@ -791,8 +896,18 @@ def _nchw(images: np.ndarray) -> Tensor:
 
 
 def _features(descriptor, images: np.ndarray | Tensor) -> Tensor:
+    """Descriptor features (float32, CPU) of ``images``, computed in chunks of ``FEATURE_CHUNK`` images that are
+    dealt round robin to the ranks and all-gathered (one process computes the same chunks itself)."""
     x = _nchw(images) if isinstance(images, np.ndarray) else images
-    return descriptor(x).float().cpu()
+    if x.shape[0] == 0:
+        return descriptor(x).float().cpu()  # the descriptor's own sentence about an empty batch
+    rank, world = _rank_world()
+    chunks = range(0, x.shape[0], FEATURE_CHUNK)
+    mine = {i: descriptor(x[i : i + FEATURE_CHUNK]).float().cpu() for i in chunks[rank::world]}
+    parts: dict[int, Tensor] = {}
+    for got in _all_gather(mine):
+        parts.update(got)
+    return torch.cat([parts[i] for i in chunks])
 
 
 def pair_scores(
@@ -811,9 +926,10 @@ def pair_scores(
             f"the features of {names[0]} have dimension {feats_a.shape[1]} but those of {names[1]} have "
             f"{feats_b.shape[1]}; both sides must be described by the same descriptor."
         )
-    rp = ReproducibilityScore(threshold=threshold)
+    # every rank holds all the (gathered) features, so the metric states must not be summed across ranks again
+    rp = ReproducibilityScore(threshold=threshold, sync_on_compute=False)
     rp.update(feats_a, feats_b)
-    mae = MAEScore()
+    mae = MAEScore(sync_on_compute=False)
     mae.update(_nchw(images_a), _nchw(images_b))
     s_rp, s_mae = rp.summary(), mae.summary()
     return {
@@ -843,7 +959,7 @@ def _gl(ref: ModelRef, feats: Tensor, descriptor, threshold: float, cache: dict)
             f"the samples of {ref.text} have feature dimension {feats.shape[1]} but its training images have "
             f"{ref_feats.shape[1]}; they must have the same image shape."
         )
-    gl = GeneralizationScore(ref_feats, threshold=threshold)
+    gl = GeneralizationScore(ref_feats, threshold=threshold, sync_on_compute=False)  # features are gathered
     gl.update(feats)
     s = gl.summary()
     return {
@@ -936,6 +1052,8 @@ def _cache_tag(args) -> str:
         tag += f"_g{args.guidance:g}"
     if args.class_label is not None:
         tag += f"_c{args.class_label}"
+    if autocast_dtype(getattr(args, "precision", "fp32"))[0] != "fp32":
+        tag += f"_{autocast_dtype(args.precision)[0]}"
     return tag
 
 
@@ -973,6 +1091,7 @@ def _samples_for(refs: Sequence[ModelRef], seeds: list[int], args, out: Path, lo
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
                 log=log,
+                precision=args.precision,
             )
             how = f"reused {s.skipped} cached shard(s)" + (
                 f", generated {s.generated}" if s.generated else ""
@@ -1025,7 +1144,10 @@ def run_pair(args, log=print) -> dict[str, Any]:
         rows.append(train[idx.cpu()].float())
     else:
         nearest_note = "(no third row: A records no training set)"
-    grid_path = save_grid(torch.cat(rows), out / "pair.png", nrow=k)
+    main_rank = _rank_world()[0] == 0
+    grid_path = out / "pair.png"
+    if main_rank:
+        save_grid(torch.cat(rows), grid_path, nrow=k)
     results = {
         "rp": scores["rp"],
         "mean_similarity": scores["mean_similarity"],
@@ -1046,6 +1168,7 @@ def run_pair(args, log=print) -> dict[str, Any]:
         "steps": args.steps,
         "grid": _canonical_grid(args.grid, args.sampler),
         "guidance": args.guidance,
+        "precision": autocast_dtype(args.precision)[0],
         "model_a": {**a.info, "label": a.label, "text": a.text},
         "model_b": {**b.info, "label": b.label, "text": b.text},
         "samples_a": str(sa.files[0].parent) if sa.files else None,
@@ -1053,6 +1176,8 @@ def run_pair(args, log=print) -> dict[str, Any]:
         "grid_png": str(grid_path),
         "version": _version(),
     }
+    if not main_rank:  # the other ranks computed the same numbers; rank 0 reports them
+        return results
     _write_json(out / "results.json", results)
 
     def fmt(v, spec=".4f"):
@@ -1192,12 +1317,16 @@ def run_matrix(args, log=print) -> dict[str, Any]:
         cache: dict = {}
         gl = [_gl(r, f, desc, threshold, cache)["gl"] for r, f in zip(refs, feats)]
     labels = [r.label for r in refs]
-    _write_csv(out / "rp_matrix.csv", rp, labels)
-    _write_csv(out / "mae_matrix.csv", mae, labels)
-    _heatmap(
-        rp, labels, f"RP ({name} > {threshold:g}, n={len(seeds)})", out / "rp_matrix.png", ".2f", 0.0, 1.0
-    )
-    _heatmap(mae, labels, f"MAE [0-255] (n={len(seeds)})", out / "mae_matrix.png", ".1f", cmap="viridis_r")
+    main_rank = _rank_world()[0] == 0
+    if main_rank:
+        _write_csv(out / "rp_matrix.csv", rp, labels)
+        _write_csv(out / "mae_matrix.csv", mae, labels)
+        _heatmap(
+            rp, labels, f"RP ({name} > {threshold:g}, n={len(seeds)})", out / "rp_matrix.png", ".2f", 0.0, 1.0
+        )
+        _heatmap(
+            mae, labels, f"MAE [0-255] (n={len(seeds)})", out / "mae_matrix.png", ".1f", cmap="viridis_r"
+        )
     off = ~np.eye(k, dtype=bool)
     results = {
         "models": [{**r.info, "label": r.label, "text": r.text} for r in refs],
@@ -1215,8 +1344,11 @@ def run_matrix(args, log=print) -> dict[str, Any]:
         "threshold": threshold,
         "sampler": args.sampler,
         "steps": args.steps,
+        "precision": autocast_dtype(args.precision)[0],
         "version": _version(),
     }
+    if not main_rank:
+        return results
     _write_json(out / "matrix.json", results)
     width = max(8, *(len(x) for x in labels))
     log("RP matrix:")
@@ -1301,12 +1433,15 @@ def run_sample(args, log=print) -> SampleSet:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         log=log,
+        precision=args.precision,
     )
-    grid_path = save_grid(
-        s.float_images(64),
-        out / "samples_grid.png",
-        nrow=10 if ref.num_classes == 10 and len(s.seeds) >= 10 else None,
-    )
+    grid_path = out / "samples_grid.png"
+    if _rank_world()[0] == 0:
+        save_grid(
+            s.float_images(64),
+            grid_path,
+            nrow=10 if ref.num_classes == 10 and len(s.seeds) >= 10 else None,
+        )
     rate = f"{s.new_images / s.seconds:.1f} img/s" if s.new_images and s.seconds > 0 else "no new images"
     log(
         f"done: {len(s.seeds)} images (seeds {_seed_text(s.seeds.tolist())}) of {ref.label} -> {out}: "
@@ -1339,7 +1474,16 @@ def _add_sampling(p: argparse.ArgumentParser, seeds_help: str) -> None:
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=1000, help="seeds per .npz shard (default 1000)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="default: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 | bf16: network evaluations under bf16 autocast, the solver in float32 (default fp32)",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="regenerate shards made with another configuration"
     )
@@ -1391,6 +1535,8 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def _run(argv: list[str], log=print):
+    if _rank_world()[0] != 0:
+        log = lambda msg: None  # noqa: E731 - rank 0 speaks for all ranks
     if argv and argv[0] == "sample":
         args = _sample_parser().parse_args(argv[1:])
         if args.seeds is None:
@@ -1403,6 +1549,7 @@ def _run(argv: list[str], log=print):
     _canonical_grid(args.grid, args.sampler)
     _check_positive(args.batch_size, "--batch-size")
     _check_positive(args.shard_size, "--shard-size")
+    autocast_dtype(args.precision)
     if args.seeds is not None:
         parse_seeds(args.seeds)
     if args.descriptor is not None:
@@ -1421,6 +1568,7 @@ def _run(argv: list[str], log=print):
 def main(argv: Sequence[str] | None = None):
     """Entry point of ``evaluate.py``; bad input ends with ``SystemExit`` (status 2) whose text is one sentence."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    created = init_distributed()
     try:
         return _run(argv, log=lambda msg: print(msg, flush=True))
     except (ValueError, FileNotFoundError) as err:
@@ -1429,3 +1577,8 @@ def main(argv: Sequence[str] | None = None):
         exc = SystemExit(msg)
         exc.code = 2
         raise exc from None
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

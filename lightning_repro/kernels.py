@@ -172,7 +172,7 @@ class VPKernel(Kernel):
     def _t_of_B(self, B: Tensor) -> Tensor:
         if self.discrete:
             table = self._neg_log_abar.to(B.device)
-            Bd = B.to(torch.float64).clamp(float(table[0]), float(table[-1]))
+            Bd = B.to(torch.float64).clamp(float(self._neg_log_abar[0]), float(self._neg_log_abar[-1]))  # host
             hi = torch.searchsorted(table, Bd.contiguous()).clamp(1, self.num_timesteps - 1)
             lo = hi - 1
             w = (Bd - table[lo]) / (table[hi] - table[lo])

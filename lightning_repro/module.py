@@ -7,8 +7,13 @@ sampling and evaluation.  Presets (DESIGN.md): ``DDPM`` (Ho et al. 2020 U-Net), 
 Song et al. 2021 as in Karras et al. 2022), ``UViT`` (Bao et al. 2023) and ``DiT`` (Peebles & Xie 2023),
 each with any kernel: ``vp``, ``vp_discrete``, ``subvp``, ``ve``, ``edm``.
 
-The training noise of step ``k`` is drawn from a generator seeded by ``(seed, k, rank)``, so a resumed run
-(``--ckpt_path last``) repeats exactly what an uninterrupted one does.
+The training noise of step ``k`` is a function of ``(seed, k)`` and the sample's position in the *global*
+batch: every rank draws the noise of the whole global batch (``batch_size * world_size`` rows) from a
+generator seeded by ``(seed, k)`` and keeps its own rows ``[rank * batch_size, (rank + 1) * batch_size)``,
+the rows of the images ``SubsetDataModule`` serves it.  So a resumed run (``--ckpt_path last``) repeats
+exactly what an uninterrupted one does, and a DDP run on ``W`` ranks with ``batch_size = B / W`` follows the
+trajectory of one process with ``batch_size = B`` (the DDP gradient is the mean of the ranks' means, i.e.
+the global mean) up to float round-off — dropout masks excepted, which are drawn per rank.
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ class DiffusionModule(L.LightningModule):
         self.model: Precond = get_precond(self.precond_name, net, self.kernel)
         self.ema: Precond = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._val_images: list[Tensor] = []
+        self._val_seeds: list[Tensor] = []
+        self._labels_checked = False
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
             self.ema = self.ema.to(memory_format=torch.channels_last)
@@ -108,18 +115,32 @@ class DiffusionModule(L.LightningModule):
 
     # -- the loss -----------------------------------------------------------------------------
     def step_generator(self, step: int, device) -> torch.Generator:
-        rank = self.global_rank if self._trainer is not None else 0
+        """Generator of the training draws of global step ``step``: seeded by ``(seed, step)``, the same on every rank."""
         g = torch.Generator(device=device)
-        g.manual_seed((int(self.hparams.seed) * 1_000_003 + int(step)) * 1009 + int(rank))
+        g.manual_seed((int(self.hparams.seed) * 1_000_003 + int(step)) * 1009)
         return g
 
-    def draw_noise(self, x0: Tensor, labels: Tensor, generator: torch.Generator):
-        """Training draws of one step: ``sigma`` (B,), ``noise`` like x0, labels after dropout."""
-        sigma = self.kernel.sample_sigma(x0.shape[0], generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    def rank_and_world(self) -> tuple[int, int]:
+        """``(global_rank, world_size)`` of the trainer (``(0, 1)`` outside one)."""
+        if self._trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), int(self.trainer.world_size)
+
+    def draw_noise(self, x0: Tensor, labels: Tensor, generator: torch.Generator, rank: int = 0, world_size: int = 1):
+        """Training draws of one step: ``sigma`` (B,), ``noise`` like x0, labels after dropout.
+
+        The draws are made for the whole global batch of ``B * world_size`` rows and rows
+        ``[rank * B, (rank + 1) * B)`` are returned, so each image's draws depend on its global position only.
+        """
+        b, world = x0.shape[0], int(world_size)
+        if not 0 <= int(rank) < world:
+            raise ValueError(f"rank must lie in [0, {world - 1}] for world_size={world}, got {rank}.")
+        rows = slice(int(rank) * b, (int(rank) + 1) * b)
+        sigma = self.kernel.sample_sigma(b * world, generator=generator, device=x0.device)[rows]
+        noise = torch.randn((b * world, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[rows]
         p = float(self.hparams.label_dropout)
         if p > 0 and self.num_classes:
-            drop = torch.rand(x0.shape[0], generator=generator, device=x0.device) < p
+            drop = torch.rand(b * world, generator=generator, device=x0.device)[rows] < p
             labels = torch.where(drop, torch.full_like(labels, -1), labels)
         return sigma, noise, labels
 
@@ -134,21 +155,24 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x0, labels = batch
-        if self.num_classes and labels is not None and (labels < 0).all():
-            raise ValueError("the model is class-conditional but the data module serves no labels "
-                             "(set data.conditional: true).")
+        if self.num_classes and not self._labels_checked:  # once: reading labels on the host syncs with the GPU
+            if labels is not None and bool((labels < 0).all()):
+                raise ValueError("the model is class-conditional but the data module serves no labels "
+                                 "(set data.conditional: true).")
+            self._labels_checked = True
         g = self.step_generator(self.global_step, x0.device)
-        sigma, noise, labels = self.draw_noise(x0, labels, g)
+        sigma, noise, labels = self.draw_noise(x0, labels, g, *self.rank_and_world())
         loss = self.loss_fn(x0, labels, sigma, noise)
-        self.log("train/loss", loss, prog_bar=True)
+        # logged: the global-batch loss (mean over ranks; a no-op on one device), the one DDP optimises
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     # -- EMA ----------------------------------------------------------------------------------
     def ema_beta(self) -> float:
         """Per-step EMA decay from the half-life in images (Karras et al. 2022, training/training_loop.py)."""
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.trainer.world_size * self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        batch = (getattr(dm, "batch_size", None) or 1) * world
+        batch = (getattr(dm, "batch_size", None) or 1) * world  # images per optimiser step, all ranks
         half = float(self.hparams.ema_halflife_kimg) * 1000.0
         if self.hparams.ema_rampup_ratio is not None:
             half = min(half, (self.global_step + 1) * batch * float(self.hparams.ema_rampup_ratio))
@@ -162,10 +186,18 @@ class DiffusionModule(L.LightningModule):
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        """The optimiser step, then the EMA update of that step.
+
+        Updated here rather than in ``on_train_batch_end``, which Lightning runs *after* the callbacks' hooks:
+        a checkpoint saved at step ``k`` (``ModelCheckpoint.on_train_batch_end``) then holds the EMA of step
+        ``k``, so ``--ckpt_path last`` resumes with exactly the EMA an uninterrupted run has.
+        """
+        out = super().optimizer_step(*args, **kwargs)
         beta = self.ema_beta()
         self.update_ema(beta)
         self.log("train/ema_beta", beta)
+        return out
 
     # -- optimiser ----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -187,12 +219,21 @@ class DiffusionModule(L.LightningModule):
         seeds, labels = batch
         lab = labels.to(self.device) if self.num_classes else None
         self._val_images.append(self.sample(seeds.tolist(), labels=lab).cpu())
+        self._val_seeds.append(torch.as_tensor(seeds).reshape(-1).cpu())
 
     def on_validation_epoch_end(self):
         if not self._val_images:
             return
-        images = torch.cat(self._val_images)
+        images, seeds = torch.cat(self._val_images), torch.cat(self._val_seeds)
         self._val_images.clear()
+        self._val_seeds.clear()
+        if self.trainer.world_size > 1:  # under DDP each rank sampled its share of the seeds: gather them all
+            images = self.all_gather(images.to(self.device)).flatten(0, 1).cpu()
+            seeds = self.all_gather(seeds.to(self.device)).flatten().cpu()
+            seeds, order = torch.sort(seeds, stable=True)
+            first = torch.ones_like(seeds, dtype=torch.bool)
+            first[1:] = seeds[1:] != seeds[:-1]  # the distributed sampler pads with repeated seeds
+            images = images[order[first]]
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         from .viz import save_grid
@@ -213,7 +254,7 @@ class DiffusionModule(L.LightningModule):
                "image_shape": list(self.image_shape), "num_classes": self.num_classes, "seed": int(self.hparams.seed)}
         if dm is not None and hasattr(dm, "describe"):
             d = dm.describe()
-            cfg.update(size=d["size"], subset_seed=d["subset_seed"], source=d["source"], data=dict(dm.hparams))
+            cfg.update(size=d["size"], subset_seed=d["subset_seed"], source=d["source"], data={k: v for k, v in dm.hparams.items() if not k.startswith("_")})
         return cfg
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -91,18 +91,21 @@ def class_one_hot(
     """One-hot (B, num_classes) float32 encoding; label -1 (or ``None``) is the null class (zero vector)."""
     if class_labels is None:
         return torch.zeros(batch, num_classes, device=device)
-    labels = torch.as_tensor(class_labels, device=device)
+    labels = torch.as_tensor(class_labels)
     if labels.is_floating_point() or labels.is_complex() or labels.reshape(-1).numel() != batch:
         raise ValueError(
             f"{name}: class_labels must be {batch} integers (-1 = no label), got {tuple(labels.shape)} {labels.dtype}."
         )
     labels = labels.reshape(-1).long()
-    if labels.numel() and not torch.compiler.is_compiling():
+    # The range check reads the labels, so it runs only on host tensors: labels already on an accelerator
+    # were checked where they were made (``sampling.sample``, the data module) and a read would sync.
+    if labels.numel() and labels.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = torch.stack(labels.aminmax()).tolist()
         if lo < -1 or hi >= num_classes:
             raise ValueError(
                 f"{name}: class labels must lie in [-1, {num_classes - 1}] (-1 = no label), got [{lo}, {hi}]."
             )
+    labels = labels.to(device)
     return (labels[:, None] == torch.arange(num_classes, device=device)[None]).float()
 
 

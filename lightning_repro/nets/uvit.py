@@ -89,8 +89,9 @@ def check_class_labels(
 ) -> Tensor:
     """Validate (B,) integer labels in ``[-1, num_classes)`` (``[0, num_classes)`` without a null class).
 
-    Returns the labels as int64. The range check reads the labels on the host; it is skipped while
-    ``torch.compile`` traces the model so that it does not break the graph.
+    Returns the labels as int64. The range check reads the labels, so it runs only on host tensors (labels
+    on an accelerator were checked where they were made, ``sampling.sample`` or the data module; a read
+    would be a host-device sync in every sampling step) and not while ``torch.compile`` traces.
     """
     if class_labels.shape != (batch,) or class_labels.is_floating_point() or class_labels.is_complex():
         raise ValueError(
@@ -98,7 +99,7 @@ def check_class_labels(
             f"got {class_labels.dtype} of shape {tuple(class_labels.shape)}."
         )
     class_labels = class_labels.long()
-    if not torch.compiler.is_compiling() and batch > 0:
+    if not torch.compiler.is_compiling() and batch > 0 and class_labels.device.type == "cpu":
         lo, hi = int(class_labels.min()), int(class_labels.max())
         low = -1 if allow_null else 0
         if lo < low or hi >= num_classes:
