@@ -1,0 +1,273 @@
+"""Studies: the experiments of Zhang et al., "The Emergence of Reproducibility and Generalizability in
+Diffusion Models" (ICML 2024), each a command that writes a CSV and a PNG.
+
+* ``memorization``        Fig. 4: in the memorization regime trained models reproduce the optimal denoiser
+                          of the empirical distribution (Prop. 1); RP(model, optimal) falls and GL rises
+                          as the training set grows.
+* ``mog_generalization``  Fig. 5: on low-rank mixtures of Gaussians (Eq. 2) the score error of a trained
+                          model against the closed-form score (Prop. 2) falls as the training set grows.
+
+This module holds what the studies share: YAML configs with a ``--quick`` override, one training run per
+result that is skipped when its checkpoint exists (``TrainJob``, ``run_training_jobs``, optionally several
+at once in separate processes), and atomic CSV / figure writers.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "load_study_config",
+    "deep_merge",
+    "arch_class",
+    "build_module",
+    "TrainJob",
+    "run_training_jobs",
+    "load_trained",
+    "write_csv",
+    "save_figure",
+    "format_table",
+    "set_threads",
+]
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``override`` merged in (nested dicts merged key by key, other values replaced)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_study_config(
+    path: str | os.PathLike | None,
+    defaults: Mapping[str, Any],
+    quick: Mapping[str, Any] | None = None,
+    out: str | os.PathLike | None = None,
+    replace: Sequence[str] = (),
+) -> dict[str, Any]:
+    """``defaults`` <- the YAML file at ``path`` <- ``quick`` overrides (if given) <- ``out``.
+
+    Mappings are merged key by key, except the top-level keys in ``replace`` (e.g. a study's list of
+    architectures), which the file replaces as a whole.  Top-level keys of the file that ``defaults`` does
+    not know raise ``ValueError`` (a typo would otherwise be ignored silently).
+    """
+    import yaml
+
+    cfg = copy.deepcopy(dict(defaults))
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist.")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"config file {path} must hold a YAML mapping of options, got {type(loaded).__name__}.")
+        unknown = sorted(set(loaded) - set(defaults))
+        if unknown:
+            raise ValueError(f"config file {path} has unknown keys {unknown}; valid keys are {sorted(defaults)}.")
+        cfg = deep_merge(cfg, loaded)
+        cfg.update({k: copy.deepcopy(loaded[k]) for k in replace if k in loaded})
+    if quick:
+        cfg = deep_merge(cfg, quick)
+        cfg.update({k: copy.deepcopy(quick[k]) for k in replace if k in quick})
+    if out is not None:
+        cfg["out"] = str(out)
+    return cfg
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads`` when ``threads`` is a positive int (1 is fastest on a shared 2-core CPU)."""
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer or null, got {threads!r}.")
+        torch.set_num_threads(threads)
+
+
+def arch_class(name: str):
+    """``EDM`` / ``edm`` / ``lightning_repro.module.EDM`` (any preset of ``module.ARCHS``) -> the class."""
+    from ..module import ARCHS
+
+    short = str(name).rsplit(".", 1)[-1]
+    for key, cls in ARCHS.items():
+        if short in (key, cls.__name__):
+            return cls
+    valid = ", ".join(sorted(c.__name__ for c in ARCHS.values()))
+    raise ValueError(f"unknown architecture {name!r}; valid architectures are: {valid}.")
+
+
+def build_module(spec: Mapping[str, Any], image_shape: Sequence[int], **common: Any):
+    """A ``DiffusionModule`` from ``{"class_path": "EDM", "init_args": {...}}`` plus ``common`` keywords
+    (kernel, lr, seed, ...; ``init_args`` win on conflicts)."""
+    if not isinstance(spec, Mapping) or "class_path" not in spec:
+        raise ValueError(f"an architecture entry must be a mapping with 'class_path' and 'init_args', got {spec!r}.")
+    cls = arch_class(spec["class_path"])
+    kwargs = {**common, **dict(spec.get("init_args") or {})}
+    return cls(image_shape=tuple(int(v) for v in image_shape), **kwargs)
+
+
+@dataclass
+class TrainJob:
+    """One training run of a study: everything needed to rebuild and train it in another process.
+
+    ``arch`` is ``{"class_path": ..., "init_args": {...}}``, ``module_kwargs`` the common ``DiffusionModule``
+    keywords (kernel, lr, ...), ``data_kwargs`` the ``SubsetDataModule`` keywords; the checkpoint goes to
+    ``ckpt`` and a sidecar ``ckpt.with_suffix(".json")`` records the training time and final loss.
+    """
+
+    name: str
+    arch: dict[str, Any]
+    image_shape: tuple[int, ...]
+    module_kwargs: dict[str, Any]
+    data_kwargs: dict[str, Any]
+    ckpt: str
+    max_steps: int
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    progress_bar: bool = True
+
+    @property
+    def meta_path(self) -> Path:
+        return Path(self.ckpt).with_suffix(".json")
+
+    def done(self) -> bool:
+        return Path(self.ckpt).is_file()
+
+
+def _train_job(job: TrainJob) -> dict[str, Any]:
+    """Train one job (in this process) and write its checkpoint atomically; returns its sidecar record."""
+    import lightning as L
+
+    from ..data import SubsetDataModule
+
+    set_threads(job.threads)
+    if not isinstance(job.max_steps, int) or job.max_steps < 1:
+        raise ValueError(f"train.max_steps must be a positive integer, got {job.max_steps!r}.")
+    L.seed_everything(int(job.module_kwargs.get("seed", 0)), verbose=False)  # the initial weights
+    module = build_module(job.arch, job.image_shape, **job.module_kwargs)
+    dm = SubsetDataModule(**job.data_kwargs)
+    ckpt = Path(job.ckpt)
+    kw = dict(max_steps=job.max_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
+              enable_progress_bar=job.progress_bar, limit_val_batches=0, num_sanity_val_steps=0,
+              default_root_dir=str(ckpt.parent), accelerator="auto", devices=1)
+    kw.update(job.trainer_kwargs or {})
+    quiet = logging.getLogger("lightning.pytorch")  # "GPU available: ...", tips: noise in a study's output
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    t0 = time.time()
+    try:
+        trainer = L.Trainer(**kw)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|eval mode|LeafSpec).*")
+            trainer.fit(module, datamodule=dm)
+    finally:
+        quiet.setLevel(level)
+    loss = trainer.callback_metrics.get("train/loss")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp{os.getpid()}")
+    trainer.save_checkpoint(tmp, weights_only=True)
+    os.replace(tmp, ckpt)
+    meta = {"name": job.name, "steps": int(trainer.global_step), "train_seconds": round(time.time() - t0, 1),
+            "final_loss": float(loss) if loss is not None else float("nan")}
+    _atomic_bytes(job.meta_path, json.dumps(meta).encode())
+    return meta
+
+
+def run_training_jobs(jobs: Sequence[TrainJob], workers: int = 1, log: Callable[[str], None] = print) -> int:
+    """Train every job whose checkpoint does not exist yet; returns how many were trained.
+
+    ``workers > 1`` trains that many jobs at once in separate (spawned) processes, each with the job's
+    ``threads`` (one thread per process is fastest on a small CPU: two 1-thread trainings on 2 cores beat
+    one 2-thread training).  Finished checkpoints are skipped, so an interrupted study resumes.
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}.")
+    todo = [j for j in jobs if not j.done()]
+    for j in jobs:
+        if j.done():
+            log(f"  {j.name}: checkpoint exists, skipping training ({Path(j.ckpt).name})")
+    if not todo:
+        return 0
+    log(f"training {len(todo)} model(s) ({workers} at a time) ...")
+    t0 = time.time()
+    if workers == 1 or len(todo) == 1:
+        for i, j in enumerate(todo, 1):
+            log(f"[{i}/{len(todo)}] training {j.name} ({j.max_steps} steps)")
+            meta = _train_job(j)
+            log(f"  {j.name}: {meta['steps']} steps in {meta['train_seconds']:.0f}s, final loss {meta['final_loss']:.4f}")
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        todo = [replace(j, progress_bar=False) for j in todo]
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_job, j): j for j in todo}
+            for i, fut in enumerate(as_completed(futures), 1):
+                j = futures[fut]
+                meta = fut.result()
+                log(f"[{i}/{len(todo)}] {j.name}: {meta['steps']} steps in {meta['train_seconds']:.0f}s, "
+                    f"final loss {meta['final_loss']:.4f} ({time.time() - t0:.0f}s elapsed)")
+    return len(todo)
+
+
+def load_trained(job: TrainJob):
+    """``(DiffusionModule in eval mode, sidecar record)`` of a finished job."""
+    from ..module import module_from_checkpoint
+
+    meta = json.loads(job.meta_path.read_text()) if job.meta_path.is_file() else {}
+    return module_from_checkpoint(job.ckpt), meta
+
+
+def _atomic_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str]) -> Path:
+    """Write ``rows`` (dicts) with the given column order to ``path`` atomically; floats with 6 significant digits."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return _atomic_bytes(Path(path), buf.getvalue().encode())
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return _atomic_bytes(Path(path), buf.getvalue())
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` (for the end of a study's output)."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
