@@ -105,8 +105,9 @@ def test_score_error_columns_vanish_for_the_exact_mog_denoiser():
     ev = {"num_samples": 64, "sigmas": None, "per_sigma": [0.5, 2.0], "seed": 0, "batch_size": 64}
     errs = mog_generalization._score_errors(mog, mog, ev, torch.device("cpu"))
     assert set(errs) == {"score_error", "score_error_sigma0.5", "score_error_sigma2"}
-    untrained = mog_generalization._score_errors(lambda x, s, labels=None: torch.zeros_like(x), mog, ev,
-                                                 torch.device("cpu"))
+    untrained = mog_generalization._score_errors(
+        lambda x, s, labels=None: torch.zeros_like(x), mog, ev, torch.device("cpu")
+    )
     for k, v in errs.items():
         assert v < 1e-6 * untrained[k]
 
@@ -114,6 +115,9 @@ def test_score_error_columns_vanish_for_the_exact_mog_denoiser():
 def test_configs_load_and_training_changes_the_checkpoint_name():
     cfg4 = load_study_config(FIG4_YAML, memorization.DEFAULTS)
     assert len(cfg4["archs"]) >= 2 and cfg4["sizes"] == sorted(cfg4["sizes"]) and cfg4["kernel"] == "edm"
+    quick = load_study_config(FIG4_YAML, memorization.DEFAULTS, memorization.QUICK)
+    assert quick["out"] == cfg4["out"] + "_quick"  # quick results never land in a full run's folder
+    assert load_study_config(FIG4_YAML, memorization.DEFAULTS, memorization.QUICK, out="x")["out"] == "x"
     cfg5 = load_study_config(FIG5_YAML, mog_generalization.DEFAULTS)
     assert len(cfg5["mixtures"]) >= 2 and len(cfg5["sizes"]) >= 3
     spec = next(iter(cfg4["archs"].values()))
@@ -145,8 +149,19 @@ def test_parallel_training_jobs_write_checkpoints_and_records(tmp_path):
 
     arch = memorization.QUICK_ARCHS["dit"]
     kw = dict(kernel="edm", lr=1e-3, seed=0)
-    jobs = [TrainJob(f"n{n}", arch, (1, 8, 8), kw, dict(source="digits", size=n, batch_size=8),
-                     str(tmp_path / f"n{n}.ckpt"), 2, threads=1) for n in (4, 8)]
+    jobs = [
+        TrainJob(
+            f"n{n}",
+            arch,
+            (1, 8, 8),
+            kw,
+            dict(source="digits", size=n, batch_size=8),
+            str(tmp_path / f"n{n}.ckpt"),
+            2,
+            threads=1,
+        )
+        for n in (4, 8)
+    ]
     assert run_training_jobs(jobs, workers=2, log=lambda m: None) == 2
     for j in jobs:
         module, meta = load_trained(j)

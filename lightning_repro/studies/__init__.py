@@ -64,6 +64,8 @@ def load_study_config(
 ) -> dict[str, Any]:
     """``defaults`` <- the YAML file at ``path`` <- ``quick`` overrides (if given) <- ``out``.
 
+    With ``quick`` and no ``out`` the output folder is the config's with ``_quick`` appended.
+
     Mappings are merged key by key, except the top-level keys in ``replace`` (e.g. a study's list of
     architectures), which the file replaces as a whole.  Top-level keys of the file that ``defaults`` does
     not know raise ``ValueError`` (a typo would otherwise be ignored silently).
@@ -77,15 +79,20 @@ def load_study_config(
             raise FileNotFoundError(f"config file {path} does not exist.")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, Mapping):
-            raise ValueError(f"config file {path} must hold a YAML mapping of options, got {type(loaded).__name__}.")
+            raise ValueError(
+                f"config file {path} must hold a YAML mapping of options, got {type(loaded).__name__}."
+            )
         unknown = sorted(set(loaded) - set(defaults))
         if unknown:
-            raise ValueError(f"config file {path} has unknown keys {unknown}; valid keys are {sorted(defaults)}.")
+            raise ValueError(
+                f"config file {path} has unknown keys {unknown}; valid keys are {sorted(defaults)}."
+            )
         cfg = deep_merge(cfg, loaded)
         cfg.update({k: copy.deepcopy(loaded[k]) for k in replace if k in loaded})
     if quick:
         cfg = deep_merge(cfg, quick)
         cfg.update({k: copy.deepcopy(quick[k]) for k in replace if k in quick})
+        cfg["out"] = f"{cfg['out']}_quick"  # never mix quick results into a full run's folder
     if out is not None:
         cfg["out"] = str(out)
     return cfg
@@ -99,7 +106,7 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def arch_class(name: str):
+def arch_class(name: str) -> type:
     """``EDM`` / ``edm`` / ``lightning_repro.module.EDM`` (any preset of ``module.ARCHS``) -> the class."""
     from ..module import ARCHS
 
@@ -111,11 +118,13 @@ def arch_class(name: str):
     raise ValueError(f"unknown architecture {name!r}; valid architectures are: {valid}.")
 
 
-def build_module(spec: Mapping[str, Any], image_shape: Sequence[int], **common: Any):
+def build_module(spec: Mapping[str, Any], image_shape: Sequence[int], **common: Any) -> Any:
     """A ``DiffusionModule`` from ``{"class_path": "EDM", "init_args": {...}}`` plus ``common`` keywords
     (kernel, lr, seed, ...; ``init_args`` win on conflicts)."""
     if not isinstance(spec, Mapping) or "class_path" not in spec:
-        raise ValueError(f"an architecture entry must be a mapping with 'class_path' and 'init_args', got {spec!r}.")
+        raise ValueError(
+            f"an architecture entry must be a mapping with 'class_path' and 'init_args', got {spec!r}."
+        )
     cls = arch_class(spec["class_path"])
     kwargs = {**common, **dict(spec.get("init_args") or {})}
     return cls(image_shape=tuple(int(v) for v in image_shape), **kwargs)
@@ -162,9 +171,18 @@ def _train_job(job: TrainJob) -> dict[str, Any]:
     module = build_module(job.arch, job.image_shape, **job.module_kwargs)
     dm = SubsetDataModule(**job.data_kwargs)
     ckpt = Path(job.ckpt)
-    kw = dict(max_steps=job.max_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
-              enable_progress_bar=job.progress_bar, limit_val_batches=0, num_sanity_val_steps=0,
-              default_root_dir=str(ckpt.parent), accelerator="auto", devices=1)
+    kw = dict(
+        max_steps=job.max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=job.progress_bar,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(ckpt.parent),
+        accelerator="auto",
+        devices=1,
+    )
     kw.update(job.trainer_kwargs or {})
     quiet = logging.getLogger("lightning.pytorch")  # "GPU available: ...", tips: noise in a study's output
     level = quiet.level
@@ -173,7 +191,9 @@ def _train_job(job: TrainJob) -> dict[str, Any]:
     try:
         trainer = L.Trainer(**kw)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|eval mode|LeafSpec).*")
+            warnings.filterwarnings(
+                "ignore", message=".*(num_workers|does not have many workers|eval mode|LeafSpec).*"
+            )
             trainer.fit(module, datamodule=dm)
     finally:
         quiet.setLevel(level)
@@ -182,8 +202,12 @@ def _train_job(job: TrainJob) -> dict[str, Any]:
     tmp = ckpt.with_name(f".{ckpt.name}.tmp{os.getpid()}")
     trainer.save_checkpoint(tmp, weights_only=True)
     os.replace(tmp, ckpt)
-    meta = {"name": job.name, "steps": int(trainer.global_step), "train_seconds": round(time.time() - t0, 1),
-            "final_loss": float(loss) if loss is not None else float("nan")}
+    meta = {
+        "name": job.name,
+        "steps": int(trainer.global_step),
+        "train_seconds": round(time.time() - t0, 1),
+        "final_loss": float(loss) if loss is not None else float("nan"),
+    }
     _atomic_bytes(job.meta_path, json.dumps(meta).encode())
     return meta
 
@@ -209,7 +233,9 @@ def run_training_jobs(jobs: Sequence[TrainJob], workers: int = 1, log: Callable[
         for i, j in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] training {j.name} ({j.max_steps} steps)")
             meta = _train_job(j)
-            log(f"  {j.name}: {meta['steps']} steps in {meta['train_seconds']:.0f}s, final loss {meta['final_loss']:.4f}")
+            log(
+                f"  {j.name}: {meta['steps']} steps in {meta['train_seconds']:.0f}s, final loss {meta['final_loss']:.4f}"
+            )
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -220,12 +246,14 @@ def run_training_jobs(jobs: Sequence[TrainJob], workers: int = 1, log: Callable[
             for i, fut in enumerate(as_completed(futures), 1):
                 j = futures[fut]
                 meta = fut.result()
-                log(f"[{i}/{len(todo)}] {j.name}: {meta['steps']} steps in {meta['train_seconds']:.0f}s, "
-                    f"final loss {meta['final_loss']:.4f} ({time.time() - t0:.0f}s elapsed)")
+                log(
+                    f"[{i}/{len(todo)}] {j.name}: {meta['steps']} steps in {meta['train_seconds']:.0f}s, "
+                    f"final loss {meta['final_loss']:.4f} ({time.time() - t0:.0f}s elapsed)"
+                )
     return len(todo)
 
 
-def load_trained(job: TrainJob):
+def load_trained(job: TrainJob) -> tuple[Any, dict[str, Any]]:
     """``(DiffusionModule in eval mode, sidecar record)`` of a finished job."""
     from ..module import module_from_checkpoint
 
@@ -263,6 +291,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A plain-text table of ``rows`` (for the end of a study's output)."""
+
     def cell(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 

@@ -95,11 +95,25 @@ DEFAULTS: dict[str, Any] = {
     "sizes": [16, 64, 256, 1024],
     "kernel": "edm",
     "archs": {
-        "dit": {"class_path": "DiT", "init_args": {"patch_size": 8, "hidden_size": 128, "depth": 3, "num_heads": 4}},
-        "uvit": {"class_path": "UViT", "init_args": {"patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 4}},
+        "dit": {
+            "class_path": "DiT",
+            "init_args": {"patch_size": 8, "hidden_size": 128, "depth": 3, "num_heads": 4},
+        },
+        "uvit": {
+            "class_path": "UViT",
+            "init_args": {"patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 4},
+        },
     },
-    "train": {"max_steps": 2000, "lr": 2e-3, "warmup_steps": 100, "ema_halflife_kimg": 1000.0,
-              "ema_rampup_ratio": 0.25, "seed": 0, "kernel_kwargs": {"P_mean": 0.5, "P_std": 1.0}, "trainer": {}},
+    "train": {
+        "max_steps": 2000,
+        "lr": 2e-3,
+        "warmup_steps": 100,
+        "ema_halflife_kimg": 1000.0,
+        "ema_rampup_ratio": 0.25,
+        "seed": 0,
+        "kernel_kwargs": {"P_mean": 0.5, "P_std": 1.0},
+        "trainer": {},
+    },
     "sample": {"seeds": 256, "sampler": "heun", "steps": 18},
     "metrics": {"descriptor": "pixel", "threshold": None},
 }
@@ -113,13 +127,37 @@ QUICK: dict[str, Any] = {
     "sample": {"seeds": 8, "steps": 4},
 }
 QUICK_ARCHS: dict[str, Any] = {
-    "dit": {"class_path": "DiT", "init_args": {"patch_size": 4, "hidden_size": 16, "depth": 1, "num_heads": 1}},
-    "edm": {"class_path": "EDM", "init_args": {"model_channels": 8, "channel_mult": [1], "num_blocks": 1,
-                                               "attn_resolutions": [], "dropout": 0.0}},
+    "dit": {
+        "class_path": "DiT",
+        "init_args": {"patch_size": 4, "hidden_size": 16, "depth": 1, "num_heads": 1},
+    },
+    "edm": {
+        "class_path": "EDM",
+        "init_args": {
+            "model_channels": 8,
+            "channel_mult": [1],
+            "num_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+    },
 }
 
-COLUMNS = ["arch", "N", "rp_vs_optimal", "gl", "same_nn_vs_optimal", "gl_optimal", "mean_sim_vs_optimal",
-           "mae_vs_optimal", "threshold", "descriptor", "steps", "params", "train_seconds"]
+COLUMNS = [
+    "arch",
+    "N",
+    "rp_vs_optimal",
+    "gl",
+    "same_nn_vs_optimal",
+    "gl_optimal",
+    "mean_sim_vs_optimal",
+    "mae_vs_optimal",
+    "threshold",
+    "descriptor",
+    "steps",
+    "params",
+    "train_seconds",
+]
 
 
 def _log(msg: str) -> None:
@@ -134,8 +172,11 @@ def _device(name: str) -> torch.device:
 
 def run_key(arch_spec: dict, n: int, cfg: dict) -> str:
     """Eight hex digits of the SHA-256 of everything that determines a trained model."""
-    blob = json.dumps({"arch": arch_spec, "N": n, "kernel": cfg["kernel"], "train": cfg["train"],
-                       "data": cfg["data"]}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"arch": arch_spec, "N": n, "kernel": cfg["kernel"], "train": cfg["train"], "data": cfg["data"]},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -153,17 +194,39 @@ def _check(cfg: dict) -> None:
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> list[TrainJob]:
     """One ``TrainJob`` per (N, architecture), checkpoint ``<out>/checkpoints/<arch>_N<N>_<run_key>.ckpt``."""
     tr, d = cfg["train"], cfg["data"]
-    module_kwargs = dict(kernel=cfg["kernel"], kernel_kwargs=tr.get("kernel_kwargs") or {}, lr=tr["lr"],
-                         warmup_steps=tr["warmup_steps"], ema_halflife_kimg=tr["ema_halflife_kimg"],
-                         ema_rampup_ratio=tr["ema_rampup_ratio"], seed=tr["seed"])
+    module_kwargs = dict(
+        kernel=cfg["kernel"],
+        kernel_kwargs=tr.get("kernel_kwargs") or {},
+        lr=tr["lr"],
+        warmup_steps=tr["warmup_steps"],
+        ema_halflife_kimg=tr["ema_halflife_kimg"],
+        ema_rampup_ratio=tr["ema_rampup_ratio"],
+        seed=tr["seed"],
+    )
     out = []
     for n in sorted(cfg["sizes"]):
-        data_kwargs = dict(source=d["source"], size=n, subset_seed=d["subset_seed"], batch_size=d["batch_size"],
-                           source_kwargs=d.get("source_kwargs") or {})
+        data_kwargs = dict(
+            source=d["source"],
+            size=n,
+            subset_seed=d["subset_seed"],
+            batch_size=d["batch_size"],
+            source_kwargs=d.get("source_kwargs") or {},
+        )
         for name, spec in cfg["archs"].items():
             ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_N{n}_{run_key(spec, n, cfg)}.ckpt"
-            out.append(TrainJob(f"{name} N={n}", spec, image_shape, module_kwargs, data_kwargs, str(ckpt),
-                                int(tr["max_steps"]), dict(tr.get("trainer") or {}), cfg.get("threads")))
+            out.append(
+                TrainJob(
+                    f"{name} N={n}",
+                    spec,
+                    image_shape,
+                    module_kwargs,
+                    data_kwargs,
+                    str(ckpt),
+                    int(tr["max_steps"]),
+                    dict(tr.get("trainer") or {}),
+                    cfg.get("threads"),
+                )
+            )
     return out
 
 
@@ -188,18 +251,27 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     tr, d = cfg["train"], cfg["data"]
     sizes = sorted(cfg["sizes"])
     t_start = time.time()
-    _log(f"fig4: {len(cfg['archs'])} architectures x N in {sizes} on {d['source']}, {tr['max_steps']} steps each, "
-         f"{len(seeds)} seeds ({sampler}, {steps} steps), {cfg['metrics']['descriptor']} descriptor threshold {thr} "
-         f"-> {out}")
-    shape = SubsetDataModule(source=d["source"], size=1, source_kwargs=d.get("source_kwargs") or {}).image_shape
+    _log(
+        f"fig4: {len(cfg['archs'])} architectures x N in {sizes} on {d['source']}, {tr['max_steps']} steps each, "
+        f"{len(seeds)} seeds ({sampler}, {steps} steps), {cfg['metrics']['descriptor']} descriptor threshold {thr} "
+        f"-> {out}"
+    )
+    shape = SubsetDataModule(
+        source=d["source"], size=1, source_kwargs=d.get("source_kwargs") or {}
+    ).image_shape
     all_jobs = jobs(cfg, shape)
     run_training_jobs(all_jobs, int(cfg.get("workers", 1)), log=_log)
 
     _log(f"sampling {len(seeds)} seeds per model and per optimal denoiser, scoring ...")
     rows: list[dict[str, Any]] = []
     for n in sizes:
-        dm = SubsetDataModule(source=d["source"], size=n, subset_seed=d["subset_seed"], batch_size=d["batch_size"],
-                              source_kwargs=d.get("source_kwargs") or {})
+        dm = SubsetDataModule(
+            source=d["source"],
+            size=n,
+            subset_seed=d["subset_seed"],
+            batch_size=d["batch_size"],
+            source_kwargs=d.get("source_kwargs") or {},
+        )
         train_images = dm.images
         optimal = EmpiricalOptimalDenoiser(train_images, device=device)
         train_feats = desc(train_images)
@@ -215,7 +287,9 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                 opt_cache[kernel.name] = (x_opt, desc(x_opt))
             x_opt, f_opt = opt_cache[kernel.name]
             f_model = desc(x_model)
-            same_nn = (optimal.nearest(x_model.to(device)) == optimal.nearest(x_opt.to(device))).float().mean()
+            same_nn = (
+                (optimal.nearest(x_model.to(device)) == optimal.nearest(x_opt.to(device))).float().mean()
+            )
             row = {
                 "arch": name,
                 "N": n,
@@ -236,9 +310,11 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             m = w * (min(32, len(seeds)) // w)
             pairs = [x[i : i + w] for i in range(0, m, w) for x in (x_opt, x_model)]
             save_grid(torch.cat(pairs), out / "samples" / f"{name}_N{n}.png", nrow=w)
-            _log(f"  {name} N={n}: RP(model, optimal)={row['rp_vs_optimal']:.3f}  GL={row['gl']:.3f}  "
-                 f"same NN={row['same_nn_vs_optimal']:.3f}  GL(optimal)={row['gl_optimal']:.3f}  "
-                 f"({time.time() - t0:.0f}s)")
+            _log(
+                f"  {name} N={n}: RP(model, optimal)={row['rp_vs_optimal']:.3f}  GL={row['gl']:.3f}  "
+                f"same NN={row['same_nn_vs_optimal']:.3f}  GL(optimal)={row['gl_optimal']:.3f}  "
+                f"({time.time() - t0:.0f}s)"
+            )
             write_csv(rows, out / "fig4.csv", COLUMNS)  # partial results survive an interruption
     csv_path = write_csv(rows, out / "fig4.csv", COLUMNS)
     png_path = plot(rows, out / "fig4.png", thr, cfg["metrics"]["descriptor"])
@@ -247,8 +323,11 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     large = [r for r in rows if r["N"] == sizes[-1]]
     summary = ", ".join(
         f"{a['arch']}: RP {a['rp_vs_optimal']:.2f}->{b['rp_vs_optimal']:.2f}, GL {a['gl']:.2f}->{b['gl']:.2f}"
-        for a, b in zip(small, large))
-    _log(f"fig4 done in {time.time() - t_start:.0f}s: N {sizes[0]}->{sizes[-1]}: {summary} | {csv_path} | {png_path}")
+        for a, b in zip(small, large)
+    )
+    _log(
+        f"fig4 done in {time.time() - t_start:.0f}s: N {sizes[0]}->{sizes[-1]}: {summary} | {csv_path} | {png_path}"
+    )
     return rows
 
 
@@ -261,28 +340,42 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     archs = list(dict.fromkeys(r["arch"] for r in rows))
-    for key, ax, title in (("rp_vs_optimal", axes[0], "RP(model, optimal denoiser)"), ("gl", axes[1], "GL (model)")):
+    for key, ax, title in (
+        ("rp_vs_optimal", axes[0], "RP(model, optimal denoiser)"),
+        ("gl", axes[1], "GL (model)"),
+    ):
         for a in archs:
             rs = sorted((r for r in rows if r["arch"] == a), key=lambda r: r["N"])
             ax.plot([r["N"] for r in rs], [r[key] for r in rs], marker="o", label=a)
         if key == "gl":
             rs = sorted({r["N"]: r for r in rows}.values(), key=lambda r: r["N"])
-            ax.plot([r["N"] for r in rs], [r["gl_optimal"] for r in rs], ls="--", color="grey",
-                    label="optimal denoiser")
+            ax.plot(
+                [r["N"] for r in rs],
+                [r["gl_optimal"] for r in rs],
+                ls="--",
+                color="grey",
+                label="optimal denoiser",
+            )
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("training set size N")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Fig. 4: memorization regime ({descriptor} descriptor, threshold {threshold:g})", fontsize=10)
+    fig.suptitle(
+        f"Fig. 4: memorization regime ({descriptor} descriptor, threshold {threshold:g})", fontsize=10
+    )
     fig.tight_layout()
     return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="python -m lightning_repro.studies.memorization", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=None, help="YAML file (e.g. configs/experiments/fig4_memorization.yaml)")
+    p = argparse.ArgumentParser(
+        prog="python -m lightning_repro.studies.memorization", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--config", default=None, help="YAML file (e.g. configs/experiments/fig4_memorization.yaml)"
+    )
     p.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
     p.add_argument("--quick", action="store_true", help="tiny settings (for tests)")
     args = p.parse_args(argv)
