@@ -1044,6 +1044,14 @@ def _check_shapes(refs: Sequence[ModelRef]) -> None:
             )
 
 
+def _sampling_options(args, log) -> dict[str, Any]:
+    """The ``generate_samples`` keyword arguments the sampling flags (shared by every subcommand) map to."""
+    return dict(sampler=args.sampler, steps=args.steps, grid=args.grid, guidance=args.guidance,
+                class_label=args.class_label, batch_size=args.batch_size, shard_size=args.shard_size,
+                device=args.device, overwrite=args.overwrite, progress=not args.no_progress, log=log,
+                precision=args.precision)
+
+
 def _cache_tag(args) -> str:
     tag = f"{args.sampler}{args.steps}"
     if args.grid is not None and args.grid != DEFAULT_GRID.get(args.sampler, "native"):
@@ -1076,23 +1084,7 @@ def _samples_for(refs: Sequence[ModelRef], seeds: list[int], args, out: Path, lo
                 )
         else:
             folder = out / "samples" / f"{r.name}_{_cache_tag(args)}"
-            s = generate_samples(
-                r,
-                seeds,
-                folder,
-                sampler=args.sampler,
-                steps=args.steps,
-                grid=args.grid,
-                guidance=args.guidance,
-                class_label=args.class_label,
-                batch_size=args.batch_size,
-                shard_size=args.shard_size,
-                device=args.device,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-                log=log,
-                precision=args.precision,
-            )
+            s = generate_samples(r, seeds, folder, **_sampling_options(args, log))
             how = f"reused {s.skipped} cached shard(s)" + (
                 f", generated {s.generated}" if s.generated else ""
             )
@@ -1417,24 +1409,7 @@ def run_sample(args, log=print) -> SampleSet:
             f"{args.model} holds stored samples; 'sample' needs a checkpoint or optimal:<data spec>."
         )
     out = Path(args.out).expanduser()
-    s = generate_samples(
-        ref,
-        seeds,
-        out,
-        sampler=args.sampler,
-        steps=args.steps,
-        grid=args.grid,
-        guidance=args.guidance,
-        class_label=args.class_label,
-        labels=_read_labels(args.labels),
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        device=args.device,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        log=log,
-        precision=args.precision,
-    )
+    s = generate_samples(ref, seeds, out, labels=_read_labels(args.labels), **_sampling_options(args, log))
     grid_path = out / "samples_grid.png"
     if _rank_world()[0] == 0:
         save_grid(
