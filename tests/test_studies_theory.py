@@ -15,6 +15,8 @@ from PIL import Image
 from lightning_repro.studies import load_study_config, memorization, mog_generalization
 from lightning_repro.theory import LowRankMoG
 
+from wandb_offline import read_offline_run
+
 ROOT = Path(__file__).resolve().parents[1]
 FIG4_YAML = ROOT / "configs" / "experiments" / "fig4_memorization.yaml"
 FIG5_YAML = ROOT / "configs" / "experiments" / "fig5_mog.yaml"
@@ -66,6 +68,12 @@ def test_memorization_quick_writes_csv_png_and_rerun_skips_training(tmp_path, mo
     assert len(ckpts) == len(sizes) * len(archs)
     mtimes = {p: p.stat().st_mtime_ns for p in ckpts}
     assert "fig4 done" in capsys.readouterr().out
+    # the study's table and plot went to a W&B run in the study's group (offline here)
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    assert run["group"] == "fig4_memorization" and run["config"]["sizes"] == sizes
+    assert {"fig4_memorization/table/_type", "fig4_memorization/plot/_type"} <= run["history_keys"]
+    assert run["summary"][f"dit_N{sizes[0]}_rp_vs_optimal"] == pytest.approx(rows[0]["rp_vs_optimal"])
 
     no_training(monkeypatch)
     rows2 = memorization.main(["--config", str(FIG4_YAML), "--quick", "--out", str(out)])

@@ -40,12 +40,15 @@ def _records(path: Path):
 
 
 def read_offline_run(run_dir: str | Path) -> dict:
-    """Return ``{"config": {...}, "group": str, "project": str}`` of an offline run directory."""
+    """Return ``{"config", "group", "project", "history_keys", "summary"}`` of an offline run directory.
+
+    ``history_keys`` is the set of keys ever logged with ``run.log``; ``summary`` the run's summary values.
+    """
     from wandb.proto import wandb_internal_pb2 as pb
 
     run_dir = Path(run_dir)
     (f,) = list(run_dir.glob("*.wandb"))
-    out = {"config": {}, "group": None, "project": None}
+    out = {"config": {}, "group": None, "project": None, "history_keys": set(), "summary": {}}
     for payload in _records(f):
         r = pb.Record()
         r.ParseFromString(payload)
@@ -54,6 +57,12 @@ def read_offline_run(run_dir: str | Path) -> dict:
             out["group"], out["project"] = r.run.run_group, r.run.project
             for it in r.run.config.update:
                 out["config"][it.key] = json.loads(it.value_json)
+        elif kind == "history":
+            for it in r.history.item:
+                out["history_keys"].add(it.key or "/".join(it.nested_key))
+        elif kind == "summary":
+            for it in r.summary.update:
+                out["summary"][it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
         elif kind == "config":
             for it in r.config.update:
                 out["config"][it.key] = json.loads(it.value_json)

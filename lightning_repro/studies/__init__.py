@@ -9,7 +9,8 @@ Diffusion Models" (ICML 2024), each a command that writes a CSV and a PNG.
 
 This module holds what the studies share: YAML configs with a ``--quick`` override, one training run per
 result that is skipped when its checkpoint exists (``TrainJob``, ``run_training_jobs``, optionally several
-at once in separate processes), and atomic CSV / figure writers.
+at once in separate processes), atomic CSV / figure writers, and ``log_study_to_wandb`` (one W&B run per study
+result, in the experiment's group, holding the table, the figures and a summary).
 """
 
 from __future__ import annotations
@@ -41,7 +42,100 @@ __all__ = [
     "save_figure",
     "format_table",
     "set_threads",
+    "log_study_to_wandb",
+    "resolve_device",
+    "StudySetup",
+    "setup_study",
+    "source_image_shape",
+    "study_main",
+    "log",
 ]
+
+
+def log(msg: str) -> None:
+    """A study's progress line (flushed at once, so it interleaves with progress bars correctly)."""
+    print(msg, flush=True)
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name as ``torch.device``."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class StudySetup:
+    """What every sampling study reads from its config: output folder, device, descriptor and threshold, seeds."""
+
+    out: Path
+    device: torch.device
+    descriptor: Any
+    threshold: float
+    seeds: list[int]
+    sampler: str
+    steps: int
+
+
+def setup_study(cfg: Mapping[str, Any]) -> StudySetup:
+    """Threads, output folder, device, the descriptor (``metrics.descriptor``) with its threshold (``metrics.threshold``,
+    null = the descriptor's calibrated default) and the sampling settings (``sample.seeds``: seeds 0..S-1)."""
+    from ..metrics import get_descriptor
+
+    set_threads(cfg.get("threads"))
+    out = Path(str(cfg["out"]))
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = cfg.get("metrics") or {}
+    desc = get_descriptor(metrics.get("descriptor", "pixel"))
+    thr = metrics.get("threshold")
+    smp = cfg.get("sample") or {}
+    n = smp.get("seeds", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"sample.seeds must be a positive integer (seeds 0..seeds-1), got {n!r}.")
+    return StudySetup(out, resolve_device(cfg.get("device", "auto")), desc,
+                      float(desc.default_threshold if thr is None else thr), list(range(n)),
+                      str(smp.get("sampler", "heun")), int(smp.get("steps", 18)))
+
+
+def source_image_shape(data: Mapping[str, Any]) -> tuple[int, ...]:
+    """C, H, W of the images of a study's ``data`` section (its source and ``source_kwargs``)."""
+    from ..data import SubsetDataModule
+
+    dm = SubsetDataModule(source=data["source"], size=1, source_kwargs=data.get("source_kwargs") or {})
+    return tuple(int(v) for v in dm.image_shape)
+
+
+def study_main(
+    argv: Sequence[str] | None,
+    prog: str,
+    doc: str | None,
+    run: Callable[[dict[str, Any]], Any],
+    defaults: Mapping[str, Any],
+    quick: Mapping[str, Any] | None = None,
+    replace: Sequence[str] = (),
+    example_config: str | None = None,
+    add_arguments: Callable[[Any], None] | None = None,
+    dispatch: Callable[[dict[str, Any], Any], Any] | None = None,
+) -> Any:
+    """The command line every study shares: ``--config FILE [--out DIR] [--quick]``, then ``run(cfg)``.
+
+    ``add_arguments(parser)`` adds a study's own flags and ``dispatch(cfg, args)`` (if given) replaces ``run``.
+    Bad input (``ValueError`` / ``FileNotFoundError``) exits with one line ``error: ...`` and no traceback.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=(doc or "").strip().split("\n")[0])
+    p.add_argument("--config", default=None, help=f"YAML file{f' (e.g. {example_config})' if example_config else ''}")
+    p.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
+    p.add_argument("--quick", action="store_true", help="tiny settings (for tests; the numbers mean nothing)")
+    if add_arguments is not None:
+        add_arguments(p)
+    args = p.parse_args(None if argv is None else list(argv))
+    try:
+        cfg = load_study_config(args.config, defaults, quick if args.quick else None, args.out, replace=replace)
+        return dispatch(cfg, args) if dispatch is not None else run(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,14 +201,16 @@ def set_threads(threads: int | None) -> None:
 
 
 def arch_class(name: str) -> type:
-    """``EDM`` / ``edm`` / ``lightning_repro.module.EDM`` (any preset of ``module.ARCHS``) -> the class."""
+    """``EDM`` / ``edm`` / ``lightning_repro.module.EDM`` (any preset of ``module.ARCHS``, or a GAN / VAE baseline
+    of ``baselines.BASELINES``: ``DCGAN``, ``VAE``) -> the class."""
+    from ..baselines import BASELINES
     from ..module import ARCHS
 
     short = str(name).rsplit(".", 1)[-1]
-    for key, cls in ARCHS.items():
+    for key, cls in {**ARCHS, **BASELINES}.items():
         if short in (key, cls.__name__):
             return cls
-    valid = ", ".join(sorted(c.__name__ for c in ARCHS.values()))
+    valid = ", ".join(sorted(c.__name__ for c in {**ARCHS, **BASELINES}.values()))
     raise ValueError(f"unknown architecture {name!r}; valid architectures are: {valid}.")
 
 
@@ -149,6 +245,9 @@ class TrainJob:
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     progress_bar: bool = True
+    #: ``{"group": ..., "name": ..., "config": {...}}``: log the training to a W&B run of that group (offline without
+    #: credentials; under a ``wandb agent`` it becomes the sweep's run); None: no logger.
+    wandb: dict[str, Any] | None = None
 
     @property
     def meta_path(self) -> Path:
@@ -184,6 +283,14 @@ def _train_job(job: TrainJob) -> dict[str, Any]:
         devices=1,
     )
     kw.update(job.trainer_kwargs or {})
+    if job.wandb is not None:
+        from ..cli import ReproWandbLogger
+
+        os.environ.setdefault("WANDB_DIR", str(ckpt.parent))
+        logger = ReproWandbLogger(group=job.wandb.get("group"), name=job.wandb.get("name", job.name),
+                                  save_dir=str(ckpt.parent))
+        logger.log_hyperparams({**module.run_config(dm), **dict(job.wandb.get("config") or {})})
+        kw["logger"] = logger
     quiet = logging.getLogger("lightning.pytorch")  # "GPU available: ...", tips: noise in a study's output
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -209,6 +316,9 @@ def _train_job(job: TrainJob) -> dict[str, Any]:
         "final_loss": float(loss) if loss is not None else float("nan"),
     }
     _atomic_bytes(job.meta_path, json.dumps(meta).encode())
+    if job.wandb is not None:
+        trainer.logger.experiment.summary.update(meta)
+        trainer.logger.experiment.finish()
     return meta
 
 
@@ -300,3 +410,56 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
     return "\n".join(lines)
+
+
+def log_study_to_wandb(
+    study: str,
+    cfg: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    images: Mapping[str, str | os.PathLike] | None = None,
+    summary: Mapping[str, Any] | None = None,
+    group: str | None = None,
+) -> Path | None:
+    """Log a study's table (``wandb.Table``), figures (``wandb.Image``) and summary to one W&B run.
+
+    The run is named after the study, grouped by ``group`` (default: the study name, e.g. ``phase_transition``)
+    so it sits beside the training runs of the same experiment in the W&B UI, and carries ``cfg`` as its
+    config.  With no W&B credentials it is written offline under ``<cfg["out"]>/wandb`` (never blocks or
+    prompts; ``wandb sync`` uploads it later).  ``cfg["wandb"]`` false (or ``WANDB_MODE=disabled``) skips it.
+    Returns the run's local folder, or None when skipped.
+    """
+    if not cfg.get("wandb", True) or os.environ.get("WANDB_MODE", "").lower() == "disabled":
+        return None
+    import wandb
+
+    from ..cli import wandb_offline
+
+    out = Path(str(cfg.get("out", "."))).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = wandb.Settings(silent=True, console="off", mode="offline" if wandb_offline() else "online")
+    config = {k: v for k, v in cfg.items() if k != "wandb"}
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "lightning_repro"),
+        group=group or study,
+        name=study,
+        job_type="study",
+        config=json.loads(json.dumps(config, default=str)),
+        dir=str(out),
+        settings=settings,
+        reinit="create_new",
+    )
+    try:
+        cols = list(columns)
+        table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
+        payload: dict[str, Any] = {f"{study}/table": table}
+        for key, path in (images or {}).items():
+            if path is not None and Path(path).is_file():
+                payload[f"{study}/{key}"] = wandb.Image(str(path))
+        run.log(payload)
+        for k, v in (summary or {}).items():
+            run.summary[k] = v
+        return Path(run.dir).parent
+    finally:
+        run.finish()
+        wandb.teardown()  # wait for the (offline) run file to be written completely before returning

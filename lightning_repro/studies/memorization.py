@@ -63,7 +63,6 @@ dropout 0.1), DiT-S/2 (``patch_size: 2, hidden_size: 384, depth: 12, num_heads: 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -76,11 +75,14 @@ import torch
 from . import (
     TrainJob,
     format_table,
-    load_study_config,
     load_trained,
+    log,
+    log_study_to_wandb,
     run_training_jobs,
     save_figure,
-    set_threads,
+    setup_study,
+    source_image_shape,
+    study_main,
     write_csv,
 )
 
@@ -88,6 +90,7 @@ __all__ = ["DEFAULTS", "QUICK", "COLUMNS", "jobs", "run_key", "run", "plot", "ma
 
 DEFAULTS: dict[str, Any] = {
     "out": "outputs/fig4",
+    "wandb": True,
     "threads": 1,
     "workers": 1,
     "device": "auto",
@@ -160,16 +163,6 @@ COLUMNS = [
 ]
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def run_key(arch_spec: dict, n: int, cfg: dict) -> str:
     """Eight hex digits of the SHA-256 of everything that determines a trained model."""
     blob = json.dumps(
@@ -233,36 +226,28 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> list[TrainJob]:
 def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Train (or load) every (arch, N), sample, score; write ``fig4.csv`` / ``fig4.png``; return the rows."""
     from ..data import SubsetDataModule
-    from ..metrics import get_descriptor, gl_score, mae_score, paired_similarity, rp_score
+    from ..metrics import gl_score, mae_score, paired_similarity, rp_score
     from ..sampling import sample
     from ..theory import EmpiricalOptimalDenoiser
     from ..viz import save_grid
 
     _check(cfg)
-    set_threads(cfg.get("threads"))
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(str(cfg.get("device", "auto")))
-    desc = get_descriptor(cfg["metrics"]["descriptor"])
-    thr = cfg["metrics"]["threshold"]
-    thr = float(desc.default_threshold if thr is None else thr)
-    seeds = list(range(cfg["sample"]["seeds"]))
-    sampler, steps = cfg["sample"]["sampler"], int(cfg["sample"]["steps"])
+    st = setup_study(cfg)
+    out, device, desc, thr, seeds = st.out, st.device, st.descriptor, st.threshold, st.seeds
+    sampler, steps = st.sampler, st.steps
     tr, d = cfg["train"], cfg["data"]
     sizes = sorted(cfg["sizes"])
     t_start = time.time()
-    _log(
+    log(
         f"fig4: {len(cfg['archs'])} architectures x N in {sizes} on {d['source']}, {tr['max_steps']} steps each, "
         f"{len(seeds)} seeds ({sampler}, {steps} steps), {cfg['metrics']['descriptor']} descriptor threshold {thr} "
         f"-> {out}"
     )
-    shape = SubsetDataModule(
-        source=d["source"], size=1, source_kwargs=d.get("source_kwargs") or {}
-    ).image_shape
+    shape = source_image_shape(d)
     all_jobs = jobs(cfg, shape)
-    run_training_jobs(all_jobs, int(cfg.get("workers", 1)), log=_log)
+    run_training_jobs(all_jobs, int(cfg.get("workers", 1)), log=log)
 
-    _log(f"sampling {len(seeds)} seeds per model and per optimal denoiser, scoring ...")
+    log(f"sampling {len(seeds)} seeds per model and per optimal denoiser, scoring ...")
     rows: list[dict[str, Any]] = []
     for n in sizes:
         dm = SubsetDataModule(
@@ -310,7 +295,7 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             m = w * (min(32, len(seeds)) // w)
             pairs = [x[i : i + w] for i in range(0, m, w) for x in (x_opt, x_model)]
             save_grid(torch.cat(pairs), out / "samples" / f"{name}_N{n}.png", nrow=w)
-            _log(
+            log(
                 f"  {name} N={n}: RP(model, optimal)={row['rp_vs_optimal']:.3f}  GL={row['gl']:.3f}  "
                 f"same NN={row['same_nn_vs_optimal']:.3f}  GL(optimal)={row['gl_optimal']:.3f}  "
                 f"({time.time() - t0:.0f}s)"
@@ -318,14 +303,16 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             write_csv(rows, out / "fig4.csv", COLUMNS)  # partial results survive an interruption
     csv_path = write_csv(rows, out / "fig4.csv", COLUMNS)
     png_path = plot(rows, out / "fig4.png", thr, cfg["metrics"]["descriptor"])
-    _log(format_table(rows, COLUMNS[:8]))
+    log(format_table(rows, COLUMNS[:8]))
     small = [r for r in rows if r["N"] == sizes[0]]
     large = [r for r in rows if r["N"] == sizes[-1]]
     summary = ", ".join(
         f"{a['arch']}: RP {a['rp_vs_optimal']:.2f}->{b['rp_vs_optimal']:.2f}, GL {a['gl']:.2f}->{b['gl']:.2f}"
         for a, b in zip(small, large)
     )
-    _log(
+    log_study_to_wandb("fig4_memorization", cfg, rows, COLUMNS, {"plot": png_path},
+                       {f"{r['arch']}_N{r['N']}_rp_vs_optimal": r["rp_vs_optimal"] for r in rows})
+    log(
         f"fig4 done in {time.time() - t_start:.0f}s: N {sizes[0]}->{sizes[-1]}: {summary} | {csv_path} | {png_path}"
     )
     return rows
@@ -370,21 +357,9 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(
-        prog="python -m lightning_repro.studies.memorization", description=__doc__.split("\n")[0]
-    )
-    p.add_argument(
-        "--config", default=None, help="YAML file (e.g. configs/experiments/fig4_memorization.yaml)"
-    )
-    p.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
-    p.add_argument("--quick", action="store_true", help="tiny settings (for tests)")
-    args = p.parse_args(argv)
-    try:
-        quick = {**QUICK, "archs": QUICK_ARCHS} if args.quick else None
-        cfg = load_study_config(args.config, DEFAULTS, quick, args.out, replace=("archs",))
-        return run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    return study_main(argv, "python -m lightning_repro.studies.memorization", __doc__, run, DEFAULTS,
+                      {**QUICK, "archs": QUICK_ARCHS}, replace=("archs",),
+                      example_config="configs/experiments/fig4_memorization.yaml")
 
 
 if __name__ == "__main__":

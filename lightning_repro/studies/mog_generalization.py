@@ -64,6 +64,7 @@ from . import (
     TrainJob,
     format_table,
     load_study_config,
+    log_study_to_wandb,
     load_trained,
     run_training_jobs,
     save_figure,
@@ -75,6 +76,7 @@ __all__ = ["DEFAULTS", "QUICK", "COLUMNS", "columns", "jobs", "run_key", "run", 
 
 DEFAULTS: dict[str, Any] = {
     "out": "outputs/fig5",
+    "wandb": True,
     "threads": 1,
     "workers": 1,
     "device": "auto",
@@ -320,6 +322,8 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         f"(K={K}, d={d}): {_err(rows, K, d, sizes[0]):.3g}->{_err(rows, K, d, sizes[-1]):.3g}"
         for K, d in mixtures
     )
+    log_study_to_wandb("fig5_mog", cfg, rows, cols, {"plot": png_path},
+                       {f"score_error_K{K}_d{d}_N{sizes[-1]}": _err(rows, K, d, sizes[-1]) for K, d in mixtures})
     _log(
         f"fig5 done in {time.time() - t_start:.0f}s: score error N {sizes[0]}->{sizes[-1]}: {trend} | "
         f"{csv_path} | {png_path}"

@@ -1,0 +1,484 @@
+"""Fig. 2 of Zhang et al. (ICML 2024): the memorization-to-generalization phase transition, as a sweep.
+
+A grid over training-set size N (powers of two), network family and width, and seed is trained (one model
+per grid point, all on the same nested subsets), then every model is sampled from the *same* seeds with the
+deterministic EDM Heun sampler and scored (Sec. 2.1):
+
+* ``family_pair``  RP between two families (e.g. DiT vs U-ViT) of the same width, N and seed — the paper's
+                   "model reproducibility" across architectures;
+* ``width_pair``   RP between two widths of the same family, N and seed;
+* ``seed_pair``    RP between two seeds of the same family, width and N (when the grid has several seeds);
+* ``model``        each model's GL against its own training subset (1 - fraction of samples whose nearest
+                   training image is above the threshold) and its RP against the optimal denoiser of that
+                   subset (Prop. 1: the memorization solution).
+
+The paper's Fig. 2 shows RP high at small N (every model reproduces the empirical optimal denoiser: copies of
+training images, GL ~ 0), a dip at intermediate N (models memorise or generalise each in their own way), and
+RP high again at large N, now on new images (GL ~ 1).
+
+Three ways to run the same grid (the checkpoint of a grid point has one name whichever runs it, so they mix)::
+
+    # locally, one run after another (``workers: 2`` trains two at once); finished runs are skipped, so a killed
+    # sweep resumes where it stopped; then aggregate:
+    python -m lightning_repro.studies.sweep --config configs/sweeps/phase_transition.yaml
+
+    # on a cluster with W&B Sweeps: emit the sweep file, create the sweep, one agent per GPU, then aggregate
+    python -m lightning_repro.studies.sweep --config configs/sweeps/phase_transition.yaml \
+        --emit-wandb outputs/phase_transition/wandb_sweep.yaml
+    wandb sweep outputs/phase_transition/wandb_sweep.yaml          # prints the sweep id
+    CUDA_VISIBLE_DEVICES=0 wandb agent <entity/project/id> &        # one per GPU
+    python -m lightning_repro.studies.sweep --config configs/sweeps/phase_transition.yaml --aggregate-only
+
+    # one grid point (what each agent run executes; ``--family=dit`` etc. are filled in by the agent)
+    python -m lightning_repro.studies.sweep --config configs/sweeps/phase_transition.yaml \
+        --train-point --family dit --width 128 --size 64 --seed 0
+
+Outputs: ``DIR/phase_transition.csv`` (one row per model and per compared pair; column ``kind``),
+``DIR/phase_transition.png`` (RP vs N and GL vs N, log2 N axis, one line per width), ``DIR/samples/<point>.png``,
+``DIR/checkpoints/<family>_w<width>_N<N>_s<seed>_<hash>.ckpt`` (the hash covers the run's training
+configuration) and a W&B run ``phase_transition`` in group ``phase_transition`` with the table and the plot,
+beside one W&B run per trained grid point in the same group (config: arch, kernel, size, subset_seed, seed,
+family, width).
+
+Scale.  CPU defaults (``configs/sweeps/phase_transition.yaml``): 8 x 8 digits, N = 16 ... 1024 (7 sizes),
+single-token DiT and U-ViT (one 8 x 8 patch: transformer MLPs, which learn the empirical optimal denoiser on
+this budget; see ``studies.memorization``) at widths 64 and 128, 1,500 steps of batch 256, 256 seeds: 28
+trainings, two at once with one thread each.  Full scale (one GPU per agent): ``data.source: cifar10``, N =
+2^6 ... 2^15, DiT-S/2 and U-ViT-S/2 families (``patch_size: 2``) and the EDM U-Net, widths e.g. 64 / 128 /
+256, ``train.max_steps`` in the hundreds of thousands, ``sample.seeds: 10000``, ``metrics.descriptor: sscd``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import (
+    TrainJob,
+    format_table,
+    load_trained,
+    log,
+    log_study_to_wandb,
+    run_training_jobs,
+    save_figure,
+    set_threads,
+    setup_study,
+    source_image_shape,
+    study_main,
+    write_csv,
+)
+
+__all__ = ["DEFAULTS", "QUICK", "COLUMNS", "GridPoint", "grid_points", "point_job", "jobs", "wandb_sweep_config",
+           "aggregate", "plot", "run", "main"]
+
+DEFAULTS: dict[str, Any] = {
+    "out": "outputs/phase_transition",
+    "group": "phase_transition",
+    "threads": 1,
+    "workers": 1,
+    "device": "auto",
+    "data": {"source": "digits", "source_kwargs": {}, "subset_seed": 0, "batch_size": 256},
+    "kernel": "edm",
+    "grid": {"size": [16, 32, 64, 128, 256, 512, 1024], "family": ["dit", "uvit"], "width": [64, 128],
+             "seed": [0]},
+    "families": {
+        "dit": {"class_path": "DiT", "width_arg": "hidden_size",
+                "init_args": {"patch_size": 8, "depth": 3, "num_heads": 4}},
+        "uvit": {"class_path": "UViT", "width_arg": "embed_dim",
+                 "init_args": {"patch_size": 8, "depth": 2, "num_heads": 4}},
+    },
+    "train": {
+        "max_steps": 1500,
+        "lr": 2e-3,
+        "warmup_steps": 100,
+        "ema_halflife_kimg": 1000.0,
+        "ema_rampup_ratio": 0.25,
+        "kernel_kwargs": {"P_mean": 0.5, "P_std": 1.0},
+        "trainer": {},
+        "wandb": True,
+    },
+    "sample": {"seeds": 256, "sampler": "heun", "steps": 18},
+    "metrics": {"descriptor": "pixel", "threshold": None},
+    "wandb": True,
+}
+
+#: ``--quick``: a 2 x 2 x 2 grid of tiny networks and a few steps (for tests; the numbers mean nothing).
+QUICK: dict[str, Any] = {
+    "workers": 1,
+    "grid": {"size": [8, 16], "family": ["dit", "uvit"], "width": [8, 16], "seed": [0]},
+    "families": {
+        "dit": {"class_path": "DiT", "width_arg": "hidden_size",
+                "init_args": {"patch_size": 8, "depth": 1, "num_heads": 1}},
+        "uvit": {"class_path": "UViT", "width_arg": "embed_dim",
+                 "init_args": {"patch_size": 8, "depth": 1, "num_heads": 1}},
+    },
+    "data": {"batch_size": 16},
+    "train": {"max_steps": 3, "warmup_steps": 0, "wandb": False},
+    "sample": {"seeds": 8, "steps": 4},
+}
+
+COLUMNS = ["kind", "N", "family", "width", "seed", "other", "rp", "mean_sim", "gl", "rp_vs_optimal",
+           "threshold", "descriptor", "steps", "params", "train_seconds", "final_loss"]
+
+GRID_KEYS = ("family", "width", "size", "seed")
+
+
+class GridPoint(tuple):
+    """``(family, width, size, seed)`` with names; ``str(point)`` is its file stem ``dit_w128_N64_s0``."""
+
+    __slots__ = ()
+
+    def __new__(cls, family: str, width: int, size: int, seed: int):
+        return super().__new__(cls, (str(family), int(width), int(size), int(seed)))
+
+    family = property(lambda self: self[0])
+    width = property(lambda self: self[1])
+    size = property(lambda self: self[2])
+    seed = property(lambda self: self[3])
+
+    def __str__(self) -> str:
+        return f"{self.family}_w{self.width}_N{self.size}_s{self.seed}"
+
+
+def _check(cfg: dict[str, Any]) -> None:
+    grid = cfg["grid"]
+    if not isinstance(grid, dict) or set(grid) != set(GRID_KEYS):
+        raise ValueError(f"grid must be a mapping with exactly the keys {list(GRID_KEYS)}, got {grid!r}.")
+    for key in GRID_KEYS:
+        vals = grid[key]
+        if not isinstance(vals, list) or not vals or len(set(map(str, vals))) != len(vals):
+            raise ValueError(f"grid.{key} must be a non-empty list of distinct values, got {vals!r}.")
+    for key in ("size", "width"):
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in grid[key]):
+            raise ValueError(f"grid.{key} must hold positive integers, got {grid[key]!r}.")
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in grid["seed"]):
+        raise ValueError(f"grid.seed must hold non-negative integers, got {grid['seed']!r}.")
+    unknown = [f for f in grid["family"] if f not in cfg["families"]]
+    if unknown:
+        raise ValueError(f"grid.family has {unknown}, which families does not define; defined: "
+                         f"{sorted(cfg['families'])}.")
+    for name, fam in cfg["families"].items():
+        if not isinstance(fam, dict) or "class_path" not in fam or "width_arg" not in fam:
+            raise ValueError(f"families.{name} must be a mapping with class_path, width_arg and init_args.")
+    seeds = cfg["sample"]["seeds"]
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"sample.seeds must be a positive integer (seeds 0..seeds-1), got {seeds!r}.")
+
+
+def grid_points(cfg: dict[str, Any]) -> list[GridPoint]:
+    """Every grid point, smallest N first (so a killed local sweep has the cheap end of the curve)."""
+    g = cfg["grid"]
+    return [GridPoint(f, w, n, s) for n, f, w, s in itertools.product(sorted(g["size"]), g["family"],
+                                                                       sorted(g["width"]), g["seed"])]
+
+
+def _arch_spec(cfg: dict[str, Any], point: GridPoint) -> dict[str, Any]:
+    fam = cfg["families"][point.family]
+    return {"class_path": fam["class_path"],
+            "init_args": {**dict(fam.get("init_args") or {}), fam["width_arg"]: point.width}}
+
+
+def run_key(cfg: dict[str, Any], point: GridPoint) -> str:
+    """Eight hex digits of the SHA-256 of everything that determines the model of a grid point."""
+    train = {k: v for k, v in cfg["train"].items() if k != "wandb"}
+    blob = json.dumps({"arch": _arch_spec(cfg, point), "N": point.size, "seed": point.seed, "kernel": cfg["kernel"],
+                       "train": train, "data": cfg["data"]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def _data_kwargs(cfg: dict[str, Any], size: int) -> dict[str, Any]:
+    d = cfg["data"]
+    return dict(source=d["source"], size=int(size), subset_seed=d["subset_seed"], batch_size=d["batch_size"],
+                source_kwargs=d.get("source_kwargs") or {})
+
+
+def point_job(cfg: dict[str, Any], point: GridPoint, image_shape: tuple[int, ...]) -> TrainJob:
+    """The ``TrainJob`` of one grid point; its checkpoint name is the same for the local runner and an agent."""
+    tr = cfg["train"]
+    module_kwargs = dict(kernel=cfg["kernel"], kernel_kwargs=tr.get("kernel_kwargs") or {}, lr=tr["lr"],
+                         warmup_steps=tr["warmup_steps"], ema_halflife_kimg=tr["ema_halflife_kimg"],
+                         ema_rampup_ratio=tr["ema_rampup_ratio"], seed=point.seed)
+    ckpt = Path(cfg["out"]) / "checkpoints" / f"{point}_{run_key(cfg, point)}.ckpt"
+    wb = None
+    if tr.get("wandb", True) and cfg.get("wandb", True):
+        wb = {"group": cfg["group"], "name": str(point),
+              "config": {"family": point.family, "width": point.width, "study": "phase_transition"}}
+    return TrainJob(str(point), _arch_spec(cfg, point), tuple(image_shape), module_kwargs,
+                    _data_kwargs(cfg, point.size), str(ckpt), int(tr["max_steps"]), dict(tr.get("trainer") or {}),
+                    cfg.get("threads"), wandb=wb)
+
+
+def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...] | None = None) -> list[TrainJob]:
+    shape = image_shape or source_image_shape(cfg["data"])
+    return [point_job(cfg, p, shape) for p in grid_points(cfg)]
+
+
+def wandb_sweep_config(cfg: dict[str, Any], config_path: str | None) -> dict[str, Any]:
+    """A W&B Sweeps configuration (method ``grid``) whose runs each train one grid point.
+
+    ``wandb agent`` runs ``command`` with ``${args}`` expanded to ``--family=dit --size=64 --width=128 --seed=0``
+    (wandb's own flag format), which ``--train-point`` reads; the checkpoint lands where the local runner and
+    ``--aggregate-only`` look for it.
+    """
+    cmd: list[str] = ["${env}", "${interpreter}", "-m", "lightning_repro.studies.sweep"]
+    if config_path:
+        cmd += ["--config", str(config_path)]
+    cmd += ["--out", str(cfg["out"]), "--train-point", "${args}"]
+    g = cfg["grid"]
+    return {
+        "name": str(cfg["group"]),
+        "description": "Zhang et al. (ICML 2024) Fig. 2: RP / GL phase transition over N x family x width x seed",
+        "program": "lightning_repro/studies/sweep.py",
+        "method": "grid",
+        "metric": {"name": "train/loss", "goal": "minimize"},
+        "parameters": {k: {"values": list(g[k])} for k in GRID_KEYS},
+        "command": cmd,
+    }
+
+
+def train_point(cfg: dict[str, Any], point: GridPoint) -> dict[str, Any]:
+    """Train one grid point (skipped if its checkpoint exists); the entry point of a W&B agent run."""
+    g = cfg["grid"]
+    for key, val in zip(GRID_KEYS, point):
+        if val not in g[key]:
+            raise ValueError(f"--{key} {val} is not in the sweep's grid.{key} {g[key]}.")
+    job = point_job(cfg, point, source_image_shape(cfg["data"]))
+    run_training_jobs([job], 1, log=log)
+    return {"point": str(point), "ckpt": job.ckpt}
+
+
+# -- aggregation -----------------------------------------------------------------------------------------
+def _samples(job: TrainJob, cfg: dict[str, Any], shape, device) -> tuple[torch.Tensor, dict[str, Any], int]:
+    """The model's samples of seeds 0..S-1 (cached next to the checkpoint, keyed by the sampler settings)."""
+    from ..sampling import sample
+
+    s = cfg["sample"]
+    key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
+    cache = Path(job.ckpt).with_name(f"{Path(job.ckpt).stem}_samples_{key}.pt")
+    module, meta = load_trained(job)
+    params = sum(p.numel() for p in module.ema.parameters())
+    if cache.is_file():
+        return torch.load(cache, weights_only=True), meta, params
+    den = module.ema.to(device).eval().requires_grad_(False)
+    x = sample(den, module.kernel, list(range(s["seeds"])), shape, sampler=s["sampler"], steps=int(s["steps"]),
+               device=device).cpu()
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    torch.save(x, tmp)
+    tmp.replace(cache)
+    return x, meta, params
+
+
+def aggregate(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Score every finished grid point and every compared pair; write the CSV, the plot and the W&B table."""
+    from ..data import SubsetDataModule
+    from ..metrics import gl_score, paired_similarity, rp_score
+    from ..sampling import sample
+    from ..theory import EmpiricalOptimalDenoiser
+    from ..viz import save_grid
+
+    _check(cfg)
+    st = setup_study(cfg)
+    out, device, desc, thr, seeds = st.out, st.device, st.descriptor, st.threshold, st.seeds
+    shape = source_image_shape(cfg["data"])
+    all_jobs = dict(zip(grid_points(cfg), jobs(cfg, shape)))
+    missing = [str(p) for p, j in all_jobs.items() if not j.done()]
+    if missing:
+        log(f"  {len(missing)} grid point(s) not trained yet, left out: {', '.join(missing[:6])}"
+             f"{' ...' if len(missing) > 6 else ''}")
+    s = cfg["sample"]
+    feats: dict[GridPoint, torch.Tensor] = {}
+    rows: list[dict[str, Any]] = []
+    base = {"threshold": thr, "descriptor": cfg["metrics"]["descriptor"]}
+    for n in sorted(cfg["grid"]["size"]):
+        points = [p for p in all_jobs if p.size == n and all_jobs[p].done()]
+        if not points:
+            continue
+        dm = SubsetDataModule(**{**_data_kwargs(cfg, n), "batch_size": 1})
+        train_feats = desc(dm.images)
+        opt_feats: dict[str, torch.Tensor] = {}
+        for p in points:
+            x, meta, params = _samples(all_jobs[p], cfg, shape, device)
+            f = feats[p] = desc(x)
+            kernel_name = cfg["kernel"]
+            if kernel_name not in opt_feats:  # the optimal denoiser of the same N images, on the same grid
+                from ..kernels import get_kernel
+
+                kernel = get_kernel(kernel_name, **(cfg["train"].get("kernel_kwargs") or {}))
+                opt = EmpiricalOptimalDenoiser(dm.images, device=device)
+                x_opt = sample(opt, kernel, seeds, shape, sampler=s["sampler"], steps=int(s["steps"]), device=device)
+                opt_feats[kernel_name] = desc(x_opt)
+            rows.append({**base, "kind": "model", "N": n, "family": p.family, "width": p.width, "seed": p.seed,
+                         "other": "", "gl": gl_score(f, train_feats, thr),
+                         "rp_vs_optimal": rp_score(f, opt_feats[kernel_name], thr),
+                         "steps": int(meta.get("steps", -1)), "params": params,
+                         "train_seconds": float(meta.get("train_seconds", float("nan"))),
+                         "final_loss": float(meta.get("final_loss", float("nan")))})
+            save_grid(x[:64], out / "samples" / f"{p}.png", nrow=16)
+
+        def pair(kind: str, a: GridPoint, b: GridPoint, other: str) -> None:
+            fa, fb = feats[a], feats[b]
+            rows.append({**base, "kind": kind, "N": a.size, "family": a.family, "width": a.width, "seed": a.seed,
+                         "other": other, "rp": rp_score(fa, fb, thr),
+                         "mean_sim": float(paired_similarity(fa, fb).mean())})
+
+        fams, widths, mseeds = cfg["grid"]["family"], sorted(cfg["grid"]["width"]), cfg["grid"]["seed"]
+        have = set(points)
+        for w, sd in itertools.product(widths, mseeds):
+            for fa, fb in itertools.combinations(fams, 2):
+                a, b = GridPoint(fa, w, n, sd), GridPoint(fb, w, n, sd)
+                if a in have and b in have:
+                    pair("family_pair", a, b, fb)
+        for fam, sd in itertools.product(fams, mseeds):
+            for wa, wb in itertools.combinations(widths, 2):
+                a, b = GridPoint(fam, wa, n, sd), GridPoint(fam, wb, n, sd)
+                if a in have and b in have:
+                    pair("width_pair", a, b, f"w{wb}")
+        for fam, w in itertools.product(fams, widths):
+            for sa, sb in itertools.combinations(mseeds, 2):
+                a, b = GridPoint(fam, w, n, sa), GridPoint(fam, w, n, sb)
+                if a in have and b in have:
+                    pair("seed_pair", a, b, f"s{sb}")
+        write_csv(rows, out / "phase_transition.csv", COLUMNS)  # partial results survive an interruption
+    if not rows:
+        raise ValueError(f"no grid point of {out} has been trained yet; run the sweep first.")
+    csv_path = write_csv(rows, out / "phase_transition.csv", COLUMNS)
+    png_path = plot(rows, out / "phase_transition.png", thr, cfg["metrics"]["descriptor"])
+    log(format_table([r for r in rows if r["kind"] != "model"], ["kind", "N", "family", "width", "seed", "other",
+                                                                   "rp", "mean_sim"]))
+    log(format_table([r for r in rows if r["kind"] == "model"], ["N", "family", "width", "seed", "gl",
+                                                                   "rp_vs_optimal", "train_seconds"]))
+    fam_rows = [r for r in rows if r["kind"] == "family_pair"]
+    summary = {}
+    if fam_rows:
+        by_n: dict[int, list[float]] = {}
+        for r in fam_rows:
+            by_n.setdefault(r["N"], []).append(r["rp"])
+        curve = {n: sum(v) / len(v) for n, v in sorted(by_n.items())}
+        summary["rp_family_by_N"] = {str(k): v for k, v in curve.items()}
+    gl_by_n: dict[int, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "model":
+            gl_by_n.setdefault(r["N"], []).append(r["gl"])
+    summary["gl_by_N"] = {str(k): sum(v) / len(v) for k, v in sorted(gl_by_n.items())}
+    log_study_to_wandb("phase_transition", cfg, rows, COLUMNS, {"plot": png_path}, summary, group=cfg["group"])
+    rp_txt = " ".join(f"{n}:{v:.2f}" for n, v in summary.get("rp_family_by_N", {}).items())
+    gl_txt = " ".join(f"{n}:{v:.2f}" for n, v in summary["gl_by_N"].items())
+    log(f"phase transition: RP(families) by N {rp_txt or '-'} | GL by N {gl_txt} | {csv_path} | {png_path}")
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descriptor: str) -> Path:
+    """Two panels: RP vs N (family pairs, solid, one line per width; width pairs dashed) and GL vs N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rp, ax_gl) = plt.subplots(1, 2, figsize=(10, 3.8))
+
+    def mean_curve(rs, key):
+        by: dict[int, list[float]] = {}
+        for r in rs:
+            by.setdefault(r["N"], []).append(r[key])
+        ns = sorted(by)
+        return ns, [sum(by[n]) / len(by[n]) for n in ns]
+
+    widths = sorted({r["width"] for r in rows})
+    colours = {w: f"C{i}" for i, w in enumerate(widths)}
+    fam_pairs = sorted({(r["family"], r["other"]) for r in rows if r["kind"] == "family_pair"})
+    for w in widths:
+        for fa, fb in fam_pairs:
+            rs = [r for r in rows if r["kind"] == "family_pair" and r["width"] == w and r["family"] == fa
+                  and r["other"] == fb]
+            if rs:
+                ax_rp.plot(*mean_curve(rs, "rp"), marker="o", color=colours[w], label=f"{fa} vs {fb}, width {w}")
+    styles = ["--", ":", "-."]
+    for i, fam in enumerate(sorted({r["family"] for r in rows if r["kind"] == "width_pair"})):
+        rs = [r for r in rows if r["kind"] == "width_pair" and r["family"] == fam]
+        others = sorted({r["other"] for r in rs})
+        ax_rp.plot(*mean_curve(rs, "rp"), marker="s", ls=styles[i % 3], color="grey",
+                   label=f"{fam}: width {rs[0]['width']} vs {', '.join(o[1:] for o in others)}")
+    seed_rows = [r for r in rows if r["kind"] == "seed_pair"]
+    if seed_rows:
+        ax_rp.plot(*mean_curve(seed_rows, "rp"), marker="^", color="black", ls=":", label="seed vs seed")
+    markers = ["o", "s", "^", "D"]
+    for j, fam in enumerate(sorted({r["family"] for r in rows if r["kind"] == "model"})):
+        for w in widths:
+            rs = [r for r in rows if r["kind"] == "model" and r["family"] == fam and r["width"] == w]
+            if rs:
+                ax_gl.plot(*mean_curve(rs, "gl"), marker=markers[j % 4], color=colours[w], ls=["-", "--"][j % 2],
+                           label=f"{fam}, width {w}")
+    for ax, title in ((ax_rp, "RP between models (same seeds)"), (ax_gl, "GL (novelty vs own training set)")):
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("training set size N")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Fig. 2: memorization -> generalization ({descriptor} descriptor, threshold {threshold:g})",
+                 fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train every missing grid point (skipping finished ones), then aggregate."""
+    _check(cfg)
+    set_threads(cfg.get("threads"))
+    t0 = time.time()
+    all_jobs = jobs(cfg)
+    g = cfg["grid"]
+    log(f"phase transition sweep: {len(all_jobs)} runs (N {sorted(g['size'])} x family {g['family']} x width "
+         f"{sorted(g['width'])} x seed {g['seed']}), {cfg['train']['max_steps']} steps each -> {cfg['out']}")
+    run_training_jobs(all_jobs, int(cfg.get("workers", 1)), log=log)
+    rows = aggregate(cfg)
+    log(f"sweep done in {time.time() - t0:.0f}s")
+    return rows
+
+
+def _add_arguments(p) -> None:
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--emit-wandb", metavar="FILE", default=None, help="write a W&B Sweeps YAML and exit")
+    mode.add_argument("--train-point", action="store_true", help="train one grid point (a W&B agent's run)")
+    mode.add_argument("--aggregate-only", action="store_true", help="score the finished grid points, train nothing")
+    for key, typ in (("family", str), ("width", int), ("size", int), ("seed", int)):
+        p.add_argument(f"--{key}", type=typ, default=None, help=f"grid point's {key} (with --train-point)")
+
+
+def _dispatch(cfg: dict[str, Any], args) -> Any:
+    _check(cfg)
+    if args.emit_wandb:
+        import yaml
+
+        from . import _atomic_bytes
+
+        sweep = wandb_sweep_config(cfg, args.config)
+        path = _atomic_bytes(Path(args.emit_wandb), yaml.safe_dump(sweep, sort_keys=False).encode())
+        log(f"wrote {path}: {len(grid_points(cfg))} runs (method grid); start it with `wandb sweep {path}` and one "
+            f"`wandb agent <sweep id>` per GPU")
+        return sweep
+    if args.train_point:
+        vals = [getattr(args, k) for k in GRID_KEYS]
+        if any(v is None for v in vals):
+            raise ValueError("--train-point needs --family, --width, --size and --seed.")
+        return train_point(cfg, GridPoint(*vals))
+    if args.aggregate_only:
+        return aggregate(cfg)
+    return run(cfg)
+
+
+def main(argv: list[str] | None = None):
+    return study_main(argv, "python -m lightning_repro.studies.sweep", __doc__, run, DEFAULTS, QUICK,
+                      replace=("families", "grid"), example_config="configs/sweeps/phase_transition.yaml",
+                      add_arguments=_add_arguments, dispatch=_dispatch)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
