@@ -299,7 +299,7 @@ def _train_job(job: TrainJob) -> dict[str, Any]:
         trainer = L.Trainer(**kw)
         with warnings.catch_warnings():
             warnings.filterwarnings(
-                "ignore", message=".*(num_workers|does not have many workers|eval mode|LeafSpec).*"
+                "ignore", message=".*(num_workers|does not have many workers|eval mode|LeafSpec|no `validation_step`).*"
             )
             trainer.fit(module, datamodule=dm)
     finally:
