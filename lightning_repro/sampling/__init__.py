@@ -10,7 +10,12 @@ sampled this way from the same seeds, so outputs are compared seed by seed.
 while the solver's state and arithmetic stay in ``dtype`` (float32): the speed of bf16 tensor cores with
 a float32 ODE integration.  bf16 samples differ from float32 ones by the network's round-off.
 
-See ``noise`` (seed_noise, parse_seeds), ``grids`` (get_sigmas) and ``solvers`` (the samplers).
+``sample_from_noise(denoiser, kernel, z, ...)`` does the same from explicit standard-normal noise ``z`` (e.g.
+points of a plane through three seeds' noises, ``studies.hyperplane``), starting from ``kernel.prior_scale * z``.
+
+See ``noise`` (seed_noise, parse_seeds), ``grids`` (get_sigmas) and ``solvers`` (the samplers); ``dps``
+(``sample_dps``: deterministic diffusion posterior sampling for inverse problems, Sec. 4.2) and ``operators``
+(``InpaintingOperator``, ``center_square_mask``).
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import Kernel, get_kernel
+from .dps import data_consistency_error, sample_dps
 from .grids import GRIDS, get_sigmas
 from .noise import parse_seeds, seed_noise
+from .operators import InpaintingOperator, center_square_mask
 from .solvers import SAMPLERS, CountingDenoiser, get_sampler, guided
 
 __all__ = [
     "seed_noise",
     "parse_seeds",
     "sample",
+    "sample_from_noise",
     "get_sigmas",
     "get_sampler",
     "guided",
@@ -39,6 +47,10 @@ __all__ = [
     "PRECISIONS",
     "AutocastDenoiser",
     "autocast_dtype",
+    "sample_dps",
+    "data_consistency_error",
+    "InpaintingOperator",
+    "center_square_mask",
 ]
 
 DEFAULT_GRID = {"dpmpp": "logsnr", "dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr"}  # others: "native"
@@ -181,4 +193,47 @@ def sample(
             nfe, calls = max(nfe, st.get("nfe", 0)), calls + st.get("calls", 0)
     if stats is not None:
         stats.update(nfe=nfe, calls=calls, sigmas=sigmas)
+    return torch.cat(out)
+
+
+def sample_from_noise(
+    denoiser,
+    kernel: Kernel | str,
+    z: Tensor,
+    sampler: str = "heun",
+    steps: int = 18,
+    labels: Tensor | Sequence[int] | int | None = None,
+    grid: str | None = None,
+    guidance: float = 1.0,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **opts,
+) -> Tensor:
+    """Deterministic samples from explicit noise ``z`` (B, *shape) instead of seeds, float in [-1, 1] on the CPU.
+
+    Exactly what ``sample`` does after drawing its noise: ``x_T = kernel.prior_scale * z`` in the EDM variable,
+    then the deterministic ``sampler`` on the same sigma grid (``grid`` default as in ``sample``), in batches
+    of ``batch_size``.  ``sample_from_noise(D, k, seed_noise(seeds, shape))`` equals ``sample(D, k, seeds,
+    shape)`` (up to the network's round-off on other batch shapes).  ``opts`` go to the sampler.
+    """
+    kernel = get_kernel(kernel)
+    solver = get_sampler(sampler)
+    if not isinstance(z, Tensor) or z.ndim < 2 or z.shape[0] < 1 or not z.is_floating_point():
+        raise ValueError("z must be a float tensor of shape (B, *image_shape) with B >= 1.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    if grid is None:
+        key = str(sampler).lower().replace("-", "_").replace("++", "pp")
+        grid = DEFAULT_GRID.get(key, "native") if isinstance(sampler, str) else "native"
+    sigmas = get_sigmas(grid, steps, kernel)
+    device = torch.device(device) if device is not None else _default_device(denoiser)
+    all_labels = _labels_for(labels, z.shape[0], denoiser)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, z.shape[0], batch_size):
+            x_T = kernel.prior_scale * z[start : start + batch_size].to(device=device, dtype=dtype)
+            lab = None if all_labels is None else all_labels[start : start + batch_size].to(device)
+            x0 = solver(denoiser, x_T, sigmas, lab, guidance=guidance, **opts)
+            out.append(x0.clamp(-1, 1).to("cpu"))
     return torch.cat(out)

@@ -225,9 +225,46 @@ class EmpiricalOptimalDenoiser:
             idx = torch.where(better, k + i, idx)
         return idx
 
-    @torch.no_grad()
     def __call__(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        """``D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / (2 sigma^2)) y_i`` (Prop. 1), per sample."""
+        """``D*(x; sigma) = sum_i softmax_i(-||x - y_i||^2 / (2 sigma^2)) y_i`` (Prop. 1), per sample.
+
+        Differentiable in ``x`` when ``x`` requires grad and grad mode is on (e.g. for DPS, ``sampling.dps``):
+        then it is evaluated by ``_differentiable_call`` (a plain softmax, O(batch x N) memory); otherwise by
+        the streamed, gradient-free pass.
+        """
+        if torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad:
+            return self._differentiable_call(x, sigma, labels)
+        with torch.no_grad():
+            return self._streamed_call(x, sigma, labels)
+
+    def _differentiable_call(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        """Same value as the streamed pass, as one autograd graph: ``softmax(logits) @ y`` per label group.
+
+        ``sigma`` is treated as a constant (no gradient); ``sigma = 0`` rows get the nearest training image
+        (zero gradient), the limit.
+        """
+        xc = self._flatten(x)
+        b = xc.shape[0]
+        sig = _sigma64(sigma, b, self.device)
+        inv_s2 = (1.0 / (sig * sig)).to(self.dtype)
+        zero = inv_s2 > math.sqrt(torch.finfo(self.dtype).max)
+        inv_s2 = torch.where(zero, torch.zeros_like(inv_s2), inv_s2)
+        parts, index = [], []
+        for rows, start, end in self._groups(labels, b):
+            xg = xc if rows is None else xc[rows]
+            yg = self._y[start:end]
+            logits = (xg @ yg.T - self._half_sq[start:end]) * (inv_s2 if rows is None else inv_s2[rows]).unsqueeze(1)
+            res = torch.softmax(logits, dim=1) @ yg
+            zg = zero if rows is None else zero[rows]
+            if bool(zg.any()):
+                near = self._y[self._nearest_centred(xg.detach(), start, end)]
+                res = torch.where(zg.unsqueeze(1), near, res)
+            parts.append(res)
+            index.append(torch.arange(b, device=self.device) if rows is None else rows)
+        out = torch.cat(parts)[torch.argsort(torch.cat(index))]
+        return (out + self.mean).reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+    def _streamed_call(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
         xc = self._flatten(x)
         b = xc.shape[0]
         sig = _sigma64(sigma, b, self.device)
