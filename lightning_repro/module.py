@@ -14,13 +14,33 @@ the rows of the images ``SubsetDataModule`` serves it.  So a resumed run (``--ck
 exactly what an uninterrupted one does, and a DDP run on ``W`` ranks with ``batch_size = B / W`` follows the
 trajectory of one process with ``batch_size = B`` (the DDP gradient is the mean of the ranks' means, i.e.
 the global mean) up to float round-off — dropout masks excepted, which are drawn per rank.
+
+Fine-tuning (Zhang et al. 2024, Sec. 4.3 / Fig. 11 / App. G: attention-only fine-tuning of a pretrained model).
+``init_from`` names a lightning_repro checkpoint of the same architecture; its *EMA* weights initialise both the
+trained weights and the EMA at the start of ``fit`` (``on_fit_start``), so (1) rebuilding a fine-tuned checkpoint
+(``module_from_checkpoint``, ``load_denoiser``, ``load_from_checkpoint``) never reads the ``init_from`` file, its
+own ``state_dict`` wins, and (2) a resumed fit (``--ckpt_path last``) keeps the resumed weights and does not read
+it either.  ``trainable`` lists ``fnmatch`` patterns over the network's parameter names (as in ``nets/``, e.g.
+``blocks.0.attn.qkv.weight``; ``model.net.<name>`` matches too): the others get ``requires_grad=False`` and stay
+out of the optimiser (the EMA still averages every parameter; frozen ones stay equal to their initial value).
+``None`` trains everything when training from scratch and the family's attention layers (``attention_patterns``)
+when ``init_from`` is set; ``["*"]`` trains everything.  From the CLI::
+
+    python train.py fit --config configs/experiments/digits_dit.yaml \
+        --model.init_args.init_from runs/pretrain/checkpoints/last.ckpt [--model.init_args.trainable '["*"]']
+
+(``--model.init_from`` works as well: jsonargparse accepts the ``init_args`` level left out.)  A different
+architecture, kernel or preconditioning, mismatched parameter shapes or names, a pattern matching no parameter
+and a missing file are each one sentence.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +81,18 @@ class DiffusionModule(L.LightningModule):
         val_sampler, val_steps: deterministic sampler for the validation grid.
         seed: seed of the training noise stream (defaults to 0; the CLI links ``seed_everything``).
         channels_last, compile: speed options for GPUs.
+        init_from: a lightning_repro checkpoint of the same architecture whose EMA weights initialise the model
+            and the EMA at the start of ``fit`` (fine-tuning; see the module docstring).
+        trainable: ``fnmatch`` patterns over the network's parameter names selecting what is trained (the rest
+            is frozen); None: everything from scratch, ``attention_patterns`` with ``init_from``; ``["*"]``: all.
     """
 
     arch: str = "base"
+    #: ``fnmatch`` patterns of the attention layers' parameters (names relative to the network): what
+    #: ``trainable`` means by default when fine-tuning from ``init_from`` (paper App. G).
+    attention_patterns: tuple[str, ...] = ()
+    #: network settings that may differ between an ``init_from`` checkpoint and the model (not architecture)
+    init_free_keys: tuple[str, ...] = ("dropout",)
 
     def __init__(
         self,
@@ -84,6 +113,8 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        init_from: str | None = None,
+        trainable: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -94,6 +125,9 @@ class DiffusionModule(L.LightningModule):
         net = self.build_net()
         self.model: Precond = get_precond(self.precond_name, net, self.kernel)
         self.ema: Precond = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.trainable_patterns: list[str] | None = self._resolve_trainable(trainable, init_from)
+        self._freeze_untrainable()
+        self._init_loaded = False
         self._val_images: list[Tensor] = []
         self._val_seeds: list[Tensor] = []
         self._labels_checked = False
@@ -202,7 +236,10 @@ class DiffusionModule(L.LightningModule):
     # -- optimiser ----------------------------------------------------------------------------
     def configure_optimizers(self):
         fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+        params = self.model.parameters()
+        if self.trainable_patterns is not None:  # fine-tuning: frozen parameters stay out of the optimiser
+            params = [p for p in params if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
                                 weight_decay=self.hparams.weight_decay, fused=fused or None)
         warm = int(self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
@@ -245,6 +282,140 @@ class DiffusionModule(L.LightningModule):
         if logger is not None and hasattr(logger, "log_image"):
             logger.log_image("val/samples", [str(out)], step=self.global_step)
 
+    # -- fine-tuning: init_from + trainable (paper Sec. 4.3, App. G) ---------------------------
+    def network_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the trained network; names relative to it (``blocks.0.attn.qkv.weight``)."""
+        out = []
+        for name, p in self.model.named_parameters():
+            out.append((name[4:] if name.startswith("net.") else name, p))
+        return out
+
+    def _resolve_trainable(self, trainable, init_from) -> list[str] | None:
+        if trainable is None:
+            if not init_from:
+                return None  # training from scratch: every parameter, exactly as without fine-tuning support
+            if not self.attention_patterns:
+                raise ValueError(f"{type(self).__name__} defines no attention layers to fine-tune by default; "
+                                 f"set trainable (e.g. ['*'] for all parameters).")
+            return list(self.attention_patterns)
+        if isinstance(trainable, str):
+            trainable = [trainable]
+        pats = list(trainable)
+        if not pats or not all(isinstance(p, str) and p for p in pats):
+            raise ValueError(f"trainable must be a non-empty list of parameter-name patterns (e.g. ['*.attn.*'] or "
+                             f"['*']), got {trainable!r}.")
+        return pats
+
+    @staticmethod
+    def _matches(name: str, pattern: str) -> bool:
+        return fnmatchcase(name, pattern) or fnmatchcase(f"model.net.{name}", pattern)
+
+    def _freeze_untrainable(self) -> None:
+        """``requires_grad=False`` on every network parameter no ``trainable`` pattern selects (one sentence on a
+        pattern that matches nothing).  Parameters the network itself keeps fixed (DiT's ``pos_embed``) stay fixed."""
+        pats = self.trainable_patterns
+        if pats is None:
+            return
+        named = self.network_parameters()
+        for pat in pats:
+            if not any(self._matches(n, pat) for n, _ in named):
+                hint = [n for n in (n for n, _ in named) if any(self._matches(n, a) for a in self.attention_patterns)]
+                hint = (hint or [n for n, _ in named])[:3]
+                extra = ""
+                if self.hparams.get("init_from") and self.hparams.get("trainable") is None:
+                    extra = " (the default attention patterns: this configuration has no attention layers)"
+                raise ValueError(f"trainable pattern {pat!r} matches no parameter of the {type(self).__name__} "
+                                 f"network{extra}; names look like {', '.join(hint)} (see network_parameters()).")
+        selected = 0
+        for name, p in named:
+            keep = p.requires_grad and any(self._matches(name, pat) for pat in pats)
+            p.requires_grad_(keep)
+            selected += int(keep)
+        if not selected:
+            raise ValueError(f"trainable patterns {pats} select only parameters the {type(self).__name__} network "
+                             f"keeps fixed; nothing would be trained.")
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` numbers of network parameters (elements)."""
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def trainable_summary(self) -> str:
+        """``"trainable N / total M parameters (x%)"``."""
+        n, m = self.parameter_counts()
+        return f"trainable {n:,} / total {m:,} parameters ({100.0 * n / max(m, 1):.2f}%)"
+
+    def _check_init_compatible(self, meta: dict[str, Any], path: str) -> None:
+        """One sentence unless the checkpoint is the same architecture, network config, kernel and preconditioning."""
+        cls = type(self)
+        mine = f"{cls.__module__}.{cls.__qualname__}"
+        theirs = str(meta.get("class_path", "?"))
+        if meta.get("arch") != self.arch or theirs.rsplit(".", 1)[-1] != cls.__qualname__:
+            raise ValueError(f"init_from {path} holds a {meta.get('arch')!r} model ({theirs}), but this model is "
+                             f"{self.arch!r} ({mine}); init_from needs a checkpoint of the same architecture.")
+
+        def norm(v):
+            return json.loads(json.dumps(v, default=str))  # tuples -> lists, as a config file would give them
+
+        hp = meta.get("hparams") or {}
+        net_cfg = getattr(self, "_net_cfg", {})
+        diffs = [f"{k}={norm(hp.get(k))!r} (this model: {norm(v)!r})" for k, v in net_cfg.items()
+                 if k not in self.init_free_keys and norm(hp.get(k)) != norm(v)]
+        if diffs:
+            raise ValueError(f"init_from {path} has a different {cls.__qualname__} network: {'; '.join(diffs)}; "
+                             f"init_from needs the same architecture settings.")
+        for key, own in (("kernel", self.kernel.name), ("precond", self.precond_name)):
+            if meta.get(key) != own:
+                raise ValueError(f"init_from {path} was trained with {key} {meta.get(key)!r}, but this model uses "
+                                 f"{own!r}; fine-tuning needs the same kernel and preconditioning (kernel_kwargs "
+                                 f"may differ).")
+
+    @torch.no_grad()
+    def load_init_weights(self, path: str | os.PathLike | None = None) -> None:
+        """Copy the EMA weights of checkpoint ``path`` (default: ``init_from``) into both the model and the EMA.
+
+        Called by ``on_fit_start`` (not when resuming).  Raises one sentence on a missing / unreadable file, a
+        different architecture, or parameters whose names or shapes differ (naming the first few).
+        """
+        path = str(path if path is not None else self.hparams.init_from)
+        try:
+            ckpt = load_checkpoint(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"init_from checkpoint {path} does not exist.") from None
+        except ValueError as err:
+            raise ValueError(f"init_from: {err}") from None
+        self._check_init_compatible(ckpt[CKPT_KEY], path)
+        state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
+        own = self.ema.state_dict()
+        shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+
+        def first(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+        if shape:
+            raise ValueError(f"init_from {path}: {len(shape)} parameter(s) differ in shape from this model "
+                             f"(checkpoint vs model): {first(shape)}.")
+        if missing or unexpected:
+            parts = ([f"missing {first(missing)}"] if missing else []) + (
+                [f"unexpected {first(unexpected)}"] if unexpected else [])
+            raise ValueError(f"init_from {path}: parameter names differ from this model: {'; '.join(parts)}.")
+        self.model.load_state_dict(state)
+        self.ema.load_state_dict(state)
+        self._init_loaded = True
+
+    def on_fit_start(self) -> None:
+        """Fine-tuning: load ``init_from`` (unless this fit resumes a checkpoint) and print the trainable count."""
+        resuming = self._trainer is not None and bool(self.trainer.ckpt_path)
+        if self.hparams.get("init_from") and not self._init_loaded and not resuming:
+            self.load_init_weights()
+        if self.trainable_patterns is not None and (self._trainer is None or self.trainer.is_global_zero):
+            src = f"from {self.hparams.init_from}" if self.hparams.get("init_from") else "from scratch"
+            print(f"fine-tuning {src}: {self.trainable_summary()}; trainable patterns {self.trainable_patterns}",
+                  flush=True)
+
     # -- checkpoints --------------------------------------------------------------------------
     def run_config(self, dm=None) -> dict[str, Any]:
         """The keys every run carries (W&B config, checkpoint metadata)."""
@@ -252,6 +423,10 @@ class DiffusionModule(L.LightningModule):
             dm = getattr(self.trainer, "datamodule", None)
         cfg = {"arch": self.arch, "kernel": self.kernel.name, "precond": self.precond_name,
                "image_shape": list(self.image_shape), "num_classes": self.num_classes, "seed": int(self.hparams.seed)}
+        trainable, total = self.parameter_counts()
+        cfg.update(trainable_params=trainable, total_params=total)
+        if self.hparams.get("init_from"):
+            cfg.update(init_from=str(self.hparams.init_from), trainable=self.trainable_patterns)
         if dm is not None and hasattr(dm, "describe"):
             d = dm.describe()
             cfg.update(size=d["size"], subset_seed=d["subset_seed"], source=d["source"], data={k: v for k, v in dm.hparams.items() if not k.startswith("_")})
@@ -277,6 +452,7 @@ class EDM(DiffusionModule):
     """
 
     arch = "edm"
+    attention_patterns = ("*.qkv.*", "*.proj.*", "*.norm2.*")  # SongUNetBlock self-attention (+ its GroupNorm)
 
     def __init__(self, model_channels: int = 128, channel_mult: list[int] = (2, 2, 2), num_blocks: int = 4,
                  attn_resolutions: list[int] = (16,), dropout: float = 0.10, kernel: str = "edm", **kwargs):
@@ -293,6 +469,7 @@ class DDPM(DiffusionModule):
     """The U-Net of Ho et al. 2020 (CIFAR-10: 128 channels, [1, 2, 2, 2], 2 blocks, attention at 16; 35.7M)."""
 
     arch = "ddpm"
+    attention_patterns = ("*.attn.*", "mid_attn.*")  # DDPMAttnBlock: norm, qkv, proj_out
 
     def __init__(self, model_channels: int = 128, channel_mult: list[int] = (1, 2, 2, 2), num_blocks: int = 2,
                  attn_resolutions: list[int] = (16,), dropout: float = 0.10, kernel: str = "vp", **kwargs):
@@ -309,6 +486,7 @@ class UViT(DiffusionModule):
     """U-ViT (Bao et al. 2023); CIFAR-10 U-ViT-S/2: patch 2, depth 12 (13 blocks), width 512, 8 heads."""
 
     arch = "uvit"
+    attention_patterns = ("*.attn.*",)  # qkv + proj of every transformer block
 
     def __init__(self, patch_size: int = 2, embed_dim: int = 512, depth: int = 12, num_heads: int = 8,
                  mlp_ratio: float = 4.0, kernel: str = "vp", **kwargs):
@@ -326,6 +504,7 @@ class DiT(DiffusionModule):
     """DiT (Peebles & Xie 2023) in pixel space; DiT-S/2: patch 2, depth 12, width 384, 6 heads."""
 
     arch = "dit"
+    attention_patterns = ("*.attn.*",)  # qkv + proj of every DiT block
 
     def __init__(self, patch_size: int = 2, hidden_size: int = 384, depth: int = 12, num_heads: int = 6,
                  mlp_ratio: float = 4.0, kernel: str = "edm", **kwargs):
