@@ -11,11 +11,10 @@ import lightning as L
 import pytest
 import torch
 from PIL import Image
+from wandb_offline import read_offline_run
 
 from lightning_repro.studies import load_study_config, memorization, mog_generalization
 from lightning_repro.theory import LowRankMoG
-
-from wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FIG4_YAML = ROOT / "configs" / "experiments" / "fig4_memorization.yaml"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -49,7 +50,25 @@ __all__ = [
     "source_image_shape",
     "study_main",
     "log",
+    "config_key",
+    "module_kwargs_from",
 ]
+
+
+def config_key(obj: Any) -> str:
+    """Eight hex digits of the SHA-256 of ``obj`` as sorted JSON: the name tag of a checkpoint, so that a changed
+    training configuration trains anew and an unchanged one is found again."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def module_kwargs_from(kernel: str, train: Mapping[str, Any], **over: Any) -> dict[str, Any]:
+    """``DiffusionModule`` keywords from a study's ``train`` section (kernel constants, AdamW lr and warm-up, EDM
+    EMA, seed), plus ``over`` (e.g. ``seed=...``, ``num_classes=...``; ``None`` values are left out)."""
+    kw = dict(kernel=kernel, kernel_kwargs=train.get("kernel_kwargs") or {}, lr=train["lr"],
+              warmup_steps=train["warmup_steps"], ema_halflife_kimg=train["ema_halflife_kimg"],
+              ema_rampup_ratio=train["ema_rampup_ratio"], seed=train.get("seed", 0))
+    kw.update({k: v for k, v in over.items() if v is not None})
+    return kw
 
 
 def log(msg: str) -> None:

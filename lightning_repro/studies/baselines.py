@@ -57,7 +57,6 @@ of thousands of steps of batch 512); ``sample.seeds: 10000``; ``metrics.descript
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -69,6 +68,7 @@ import torch
 from . import (
     TrainJob,
     arch_class,
+    config_key,
     format_table,
     load_trained,
     log,
@@ -177,12 +177,7 @@ def _is_baseline(cls: type) -> bool:
 def run_key(family: dict, seed: int, cfg: dict) -> str:
     """Eight hex digits of the SHA-256 of everything that determines a trained model."""
     spec = {k: family[k] for k in ("class_path", "init_args", "steps", "batch_size")}
-    blob = json.dumps(
-        {"family": spec, "seed": seed, "latent_dim": cfg["latent_dim"], "data": cfg["data"]},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return config_key({"family": spec, "seed": seed, "latent_dim": cfg["latent_dim"], "data": cfg["data"]})
 
 
 def _check(cfg: dict) -> None:

@@ -47,8 +47,6 @@ U-Net; hundreds of thousands of steps of batch 512 with EDM's defaults; ``sample
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -59,11 +57,13 @@ from torch import Tensor
 
 from . import (
     TrainJob,
+    config_key,
     deep_merge,
     format_table,
     load_trained,
     log,
     log_study_to_wandb,
+    module_kwargs_from,
     run_training_jobs,
     save_figure,
     setup_study,
@@ -167,18 +167,13 @@ def _model_train(cfg: dict, spec: dict) -> dict:
 
 def run_key(name: str, spec: dict, cfg: dict) -> str:
     """Eight hex digits of the SHA-256 of everything that determines a trained model."""
-    blob = json.dumps(
-        {
+    return config_key({
             "arch": {k: spec.get(k) for k in ("class_path", "init_args")},
             "conditional": bool(spec.get("conditional", True)),
             "kernel": cfg["kernel"],
             "train": _model_train(cfg, spec),
             "data": cfg["data"],
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+        })
 
 
 def _check(cfg: dict) -> None:
@@ -221,16 +216,7 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...], num_classes: int) ->
     for name, spec in cfg["models"].items():
         tr = _model_train(cfg, spec)
         cond = bool(spec.get("conditional", True))
-        module_kwargs = dict(
-            kernel=cfg["kernel"],
-            kernel_kwargs=tr.get("kernel_kwargs") or {},
-            lr=tr["lr"],
-            warmup_steps=tr["warmup_steps"],
-            ema_halflife_kimg=tr["ema_halflife_kimg"],
-            ema_rampup_ratio=tr["ema_rampup_ratio"],
-            seed=tr["seed"],
-            num_classes=num_classes if cond else 0,
-        )
+        module_kwargs = module_kwargs_from(cfg["kernel"], tr, num_classes=num_classes if cond else 0)
         arch = {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
         ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_{run_key(name, spec, cfg)}.ckpt"
         out.append(

@@ -65,8 +65,6 @@ target with the model pretrained on CIFAR-100 -- set ``data.pretrain_source: cif
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -76,10 +74,12 @@ import torch
 
 from . import (
     TrainJob,
+    config_key,
     format_table,
     load_trained,
     log,
     log_study_to_wandb,
+    module_kwargs_from,
     run_training_jobs,
     save_figure,
     setup_study,
@@ -165,13 +165,8 @@ TABLE = COLUMNS[:10]
 def run_key(kind: str, n: int | None, cfg: dict, extra: Any = None) -> str:
     """Eight hex digits of the SHA-256 of everything that determines one training (``kind``: pretrain / scratch /
     finetune; ``extra``: e.g. the pretrained checkpoint a fine-tune starts from)."""
-    blob = json.dumps(
-        {"kind": kind, "N": n, "arch": cfg["arch"], "kernel": cfg["kernel"], "train": cfg["train"],
-         "data": cfg["data"], "stage": cfg[kind], "extra": extra},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return config_key({"kind": kind, "N": n, "arch": cfg["arch"], "kernel": cfg["kernel"], "train": cfg["train"],
+         "data": cfg["data"], "stage": cfg[kind], "extra": extra})
 
 
 def _check(cfg: dict) -> None:
@@ -210,15 +205,7 @@ def _data_kwargs(cfg: dict, target: bool, size: int | None) -> dict[str, Any]:
 
 def _module_kwargs(cfg: dict, **over: Any) -> dict[str, Any]:
     tr = cfg["train"]
-    kw = dict(
-        kernel=cfg["kernel"],
-        kernel_kwargs=tr.get("kernel_kwargs") or {},
-        lr=tr["lr"],
-        warmup_steps=tr["warmup_steps"],
-        ema_halflife_kimg=tr["ema_halflife_kimg"],
-        ema_rampup_ratio=tr["ema_rampup_ratio"],
-        seed=tr["seed"],
-    )
+    kw = module_kwargs_from(cfg["kernel"], tr)
     kw.update({k: v for k, v in over.items() if v is not None})
     return kw
 

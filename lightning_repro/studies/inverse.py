@@ -40,9 +40,7 @@ the subset), the EDM U-Net / DiT-S/2 / U-ViT-S/2 of the memorization study train
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import sys
 import time
@@ -54,10 +52,12 @@ from torch import Tensor
 
 from . import (
     TrainJob,
+    config_key,
     format_table,
     load_trained,
     log,
     log_study_to_wandb,
+    module_kwargs_from,
     run_training_jobs,
     save_figure,
     setup_study,
@@ -157,10 +157,7 @@ MODEL_COLUMNS = ["mask", "model", "dc", "mae_gt", "rp_gt", "copy_rate", "seconds
 
 def run_key(spec: dict, cfg: dict) -> str:
     """Eight hex digits of the SHA-256 of everything that determines a trained model."""
-    blob = json.dumps(
-        {"arch": spec, "kernel": cfg["kernel"], "train": cfg["train"], "data": cfg["data"]}, sort_keys=True, default=str
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return config_key({"arch": spec, "kernel": cfg["kernel"], "train": cfg["train"], "data": cfg["data"]})
 
 
 def _is_optimal(spec: Any) -> bool:
@@ -204,15 +201,7 @@ def _data_kwargs(cfg: dict) -> dict[str, Any]:
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> list[TrainJob]:
     """One ``TrainJob`` per trained model, checkpoint ``<out>/checkpoints/<name>_N<N>_<run_key>.ckpt``."""
     tr = cfg["train"]
-    module_kwargs = dict(
-        kernel=cfg["kernel"],
-        kernel_kwargs=tr.get("kernel_kwargs") or {},
-        lr=tr["lr"],
-        warmup_steps=tr["warmup_steps"],
-        ema_halflife_kimg=tr["ema_halflife_kimg"],
-        ema_rampup_ratio=tr["ema_rampup_ratio"],
-        seed=tr["seed"],
-    )
+    module_kwargs = module_kwargs_from(cfg["kernel"], tr)
     out = []
     n = cfg["data"]["size"]
     for name, spec in cfg["models"].items():

@@ -63,8 +63,6 @@ dropout 0.1), DiT-S/2 (``patch_size: 2, hidden_size: 384, depth: 12, num_heads: 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -74,10 +72,12 @@ import torch
 
 from . import (
     TrainJob,
+    config_key,
     format_table,
     load_trained,
     log,
     log_study_to_wandb,
+    module_kwargs_from,
     run_training_jobs,
     save_figure,
     setup_study,
@@ -165,12 +165,7 @@ COLUMNS = [
 
 def run_key(arch_spec: dict, n: int, cfg: dict) -> str:
     """Eight hex digits of the SHA-256 of everything that determines a trained model."""
-    blob = json.dumps(
-        {"arch": arch_spec, "N": n, "kernel": cfg["kernel"], "train": cfg["train"], "data": cfg["data"]},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return config_key({"arch": arch_spec, "N": n, "kernel": cfg["kernel"], "train": cfg["train"], "data": cfg["data"]})
 
 
 def _check(cfg: dict) -> None:
@@ -187,15 +182,7 @@ def _check(cfg: dict) -> None:
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> list[TrainJob]:
     """One ``TrainJob`` per (N, architecture), checkpoint ``<out>/checkpoints/<arch>_N<N>_<run_key>.ckpt``."""
     tr, d = cfg["train"], cfg["data"]
-    module_kwargs = dict(
-        kernel=cfg["kernel"],
-        kernel_kwargs=tr.get("kernel_kwargs") or {},
-        lr=tr["lr"],
-        warmup_steps=tr["warmup_steps"],
-        ema_halflife_kimg=tr["ema_halflife_kimg"],
-        ema_rampup_ratio=tr["ema_rampup_ratio"],
-        seed=tr["seed"],
-    )
+    module_kwargs = module_kwargs_from(cfg["kernel"], tr)
     out = []
     for n in sorted(cfg["sizes"]):
         data_kwargs = dict(

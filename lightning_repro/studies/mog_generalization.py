@@ -50,8 +50,6 @@ thousands), ``eval.num_samples: 65536``; ``workers: 1, threads: null``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import sys
 import time
@@ -62,10 +60,12 @@ import torch
 
 from . import (
     TrainJob,
+    config_key,
     format_table,
     load_study_config,
-    log_study_to_wandb,
     load_trained,
+    log_study_to_wandb,
+    module_kwargs_from,
     run_training_jobs,
     save_figure,
     set_threads,
@@ -169,8 +169,7 @@ def _check(cfg: dict) -> list[tuple[int, int]]:
 
 def run_key(K: int, d: int, n: int, cfg: dict) -> str:
     """Eight hex digits of the SHA-256 of everything that determines a trained model."""
-    blob = json.dumps(
-        {
+    return config_key({
             "K": K,
             "d": d,
             "N": n,
@@ -182,11 +181,7 @@ def run_key(K: int, d: int, n: int, cfg: dict) -> str:
             "kernel": cfg["kernel"],
             "arch": cfg["arch"],
             "train": cfg["train"],
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+        })
 
 
 def _score_errors(den, mog, ev: dict, device: torch.device) -> dict[str, float]:
@@ -225,15 +220,7 @@ def _source_kwargs(cfg: dict[str, Any], K: int, d: int) -> dict[str, Any]:
 def jobs(cfg: dict[str, Any]) -> list[TrainJob]:
     """One ``TrainJob`` per ((K, d), N), checkpoint ``<out>/checkpoints/K<K>_d<d>_N<N>_<run_key>.ckpt``."""
     tr = cfg["train"]
-    module_kwargs = dict(
-        kernel=cfg["kernel"],
-        kernel_kwargs=tr.get("kernel_kwargs") or {},
-        lr=tr["lr"],
-        warmup_steps=tr["warmup_steps"],
-        ema_halflife_kimg=tr["ema_halflife_kimg"],
-        ema_rampup_ratio=tr["ema_rampup_ratio"],
-        seed=tr["seed"],
-    )
+    module_kwargs = module_kwargs_from(cfg["kernel"], tr)
     shape = tuple(int(v) for v in cfg["shape"])
     out = []
     for K, d in _check(cfg):

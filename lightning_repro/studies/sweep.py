@@ -50,9 +50,7 @@ trainings, two at once with one thread each.  Full scale (one GPU per agent): ``
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -62,10 +60,12 @@ import torch
 
 from . import (
     TrainJob,
+    config_key,
     format_table,
     load_trained,
     log,
     log_study_to_wandb,
+    module_kwargs_from,
     run_training_jobs,
     save_figure,
     set_threads,
@@ -188,9 +188,8 @@ def _arch_spec(cfg: dict[str, Any], point: GridPoint) -> dict[str, Any]:
 def run_key(cfg: dict[str, Any], point: GridPoint) -> str:
     """Eight hex digits of the SHA-256 of everything that determines the model of a grid point."""
     train = {k: v for k, v in cfg["train"].items() if k != "wandb"}
-    blob = json.dumps({"arch": _arch_spec(cfg, point), "N": point.size, "seed": point.seed, "kernel": cfg["kernel"],
-                       "train": train, "data": cfg["data"]}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return config_key({"arch": _arch_spec(cfg, point), "N": point.size, "seed": point.seed, "kernel": cfg["kernel"],
+                       "train": train, "data": cfg["data"]})
 
 
 def _data_kwargs(cfg: dict[str, Any], size: int) -> dict[str, Any]:
@@ -202,9 +201,7 @@ def _data_kwargs(cfg: dict[str, Any], size: int) -> dict[str, Any]:
 def point_job(cfg: dict[str, Any], point: GridPoint, image_shape: tuple[int, ...]) -> TrainJob:
     """The ``TrainJob`` of one grid point; its checkpoint name is the same for the local runner and an agent."""
     tr = cfg["train"]
-    module_kwargs = dict(kernel=cfg["kernel"], kernel_kwargs=tr.get("kernel_kwargs") or {}, lr=tr["lr"],
-                         warmup_steps=tr["warmup_steps"], ema_halflife_kimg=tr["ema_halflife_kimg"],
-                         ema_rampup_ratio=tr["ema_rampup_ratio"], seed=point.seed)
+    module_kwargs = module_kwargs_from(cfg["kernel"], tr, seed=point.seed)
     ckpt = Path(cfg["out"]) / "checkpoints" / f"{point}_{run_key(cfg, point)}.ckpt"
     wb = None
     if tr.get("wandb", True) and cfg.get("wandb", True):
@@ -260,7 +257,7 @@ def _samples(job: TrainJob, cfg: dict[str, Any], shape, device) -> tuple[torch.T
     from ..sampling import sample
 
     s = cfg["sample"]
-    key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
+    key = config_key(s)
     cache = Path(job.ckpt).with_name(f"{Path(job.ckpt).stem}_samples_{key}.pt")
     module, meta = load_trained(job)
     params = sum(p.numel() for p in module.ema.parameters())
