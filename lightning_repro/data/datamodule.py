@@ -127,7 +127,7 @@ class SubsetDataModule(L.LightningDataModule):
     """A nested, seeded training subset of a source, served as an infinite resumable batch stream.
 
     Args:
-        source: ``digits`` | ``cifar10`` | ``cifar100`` | ``folder`` | ``npz`` | ``mog``.
+        source: ``digits`` | ``cifar10`` | ``cifar100`` | ``folder`` | ``npz`` | ``mog`` | ``generated``.
         size: number of training images N (``None``: the whole source).
         subset_seed: seed of the permutation whose first N images form the subset.
         batch_size: per-device batch; the effective batch is ``batch_size * world_size``.

@@ -9,10 +9,14 @@ Sources (DESIGN.md, "Data flow"):
 * ``folder``   class sub-folders of images (``root/<class>/<image>``), classes in sorted order.
 * ``npz``      a ``.npz`` with uint8 ``images`` N×H×W×C (or N×H×W) and optional ``labels``.
 * ``mog``      samples of the low-rank mixture of Gaussians of the paper's Eq. 2 (``theory.mog``).
+* ``generated`` a teacher checkpoint's own deterministic samples (the paper's model recovery, Sec. 3.2.1,
+               Case 2: a student trained on a teacher's samples), cached in a ``.npz``; see ``generated_source``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ImageSource", "get_source", "SOURCES", "uint8_to_float", "float_to_uint8"]
+__all__ = [
+    "ImageSource",
+    "get_source",
+    "SOURCES",
+    "uint8_to_float",
+    "float_to_uint8",
+    "generated_source",
+    "generated_cache_path",
+    "GENERATED_DEFAULT_SEEDS",
+]
 
 
 @dataclass
@@ -184,6 +197,136 @@ def _mog(num_samples: int = 8192, shape: tuple[int, int, int] = (1, 8, 8), num_c
     return ImageSource("mog", x.float(), comp.long(), num_components)
 
 
+#: default seeds of the ``generated`` source: from 1,000,000 on, disjoint from the evaluation seeds (0, 1, ...)
+GENERATED_DEFAULT_SEEDS = "1000000-1000255"
+GENERATED_FORMAT = "lightning_repro.generated/1"
+
+
+def _generated_key(sha256: str, seeds: list[int], sampler: str, steps: int, guidance: float) -> str:
+    blob = json.dumps(
+        {"checkpoint_sha256": sha256, "seeds": seeds, "sampler": str(sampler), "steps": int(steps),
+         "guidance": float(guidance)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def generated_cache_path(checkpoint: str | os.PathLike, seeds: str | int | list[int] = GENERATED_DEFAULT_SEEDS,
+                         sampler: str = "heun", steps: int = 18, guidance: float = 1.0,
+                         cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``generated_source`` caches the teacher's samples for these arguments:
+    ``<cache_dir or the checkpoint's folder>/<checkpoint stem>.generated_<hash>.npz``, the hash covering the
+    checkpoint's SHA-256, the seeds, the sampler, the steps and the guidance weight."""
+    from ..module import file_sha256
+    from ..sampling.noise import parse_seeds
+
+    ckpt = Path(checkpoint).expanduser()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"generated source: teacher checkpoint {ckpt} does not exist.")
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as err:
+        raise ValueError(f"generated source: {err}") from None
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else ckpt.parent
+    key = _generated_key(file_sha256(ckpt), seed_list, sampler, steps, guidance)
+    return folder / f"{ckpt.stem}.generated_{key}.npz"
+
+
+def _read_generated(path: Path, sha256: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    """(images, labels, num_classes) of a cache file that matches, None if it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception:  # a truncated / foreign file: regenerate it
+        return None
+    if str(arrays.get("teacher_sha256", "")) != sha256 or arrays.get("seeds") is None \
+            or arrays["seeds"].tolist() != seeds:
+        raise ValueError(f"generated source: cache file {path} holds samples of another checkpoint or other seeds; "
+                         "delete it to regenerate.")
+    labels = arrays["labels"] if "labels" in arrays else None
+    return arrays["images"], labels, int(arrays.get("num_classes", 0))
+
+
+def generated_source(checkpoint: str | os.PathLike | None = None,
+                     seeds: str | int | list[int] = GENERATED_DEFAULT_SEEDS, sampler: str = "heun",
+                     steps: int = 18, guidance: float = 1.0, cache_dir: str | os.PathLike | None = None,
+                     device: str = "auto", batch_size: int = 256) -> ImageSource:
+    """A teacher checkpoint's deterministic samples as a training source (model recovery, Zhang et al. 2024,
+    Sec. 3.2.1, Case 2).
+
+    The teacher's EMA denoiser (``module.load_denoiser``) is sampled with ``sampling.sample`` at ``seeds``
+    (default 1,000,000-1,000,255, disjoint from evaluation seeds 0, 1, ...), with labels ``seed %
+    num_classes`` when the teacher is class-conditional (the source then carries those labels).  The uint8
+    images, labels, seeds, teacher SHA-256, sampler, steps and guidance are cached in
+    ``generated_cache_path(...)`` (by default next to the checkpoint), written atomically; a later call
+    with the same checkpoint contents and arguments reads the cache instead of sampling.  Images are
+    returned as the cache holds them (uint8 -> [-1, 1]), so the first and later calls give the same tensor.
+    """
+    from ..module import file_sha256
+    from ..sampling.noise import parse_seeds
+
+    if checkpoint is None:
+        raise ValueError("generated source: give the teacher checkpoint (source_kwargs checkpoint: PATH).")
+    ckpt = Path(checkpoint).expanduser()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"generated source: teacher checkpoint {ckpt} does not exist.")
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as err:
+        raise ValueError(f"generated source: {err}") from None
+    if len(set(seed_list)) != len(seed_list):
+        raise ValueError(f"generated source: seeds {seeds!r} repeat a seed; each training sample needs its own seed.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"generated source: steps must be a positive integer, got {steps!r}.")
+    sha = file_sha256(ckpt)
+    path = generated_cache_path(ckpt, seed_list, sampler, steps, guidance, cache_dir)
+    cached = _read_generated(path, sha, seed_list) if path.is_file() else None
+    if cached is None:
+        cached = _generate(ckpt, sha, seed_list, sampler, steps, guidance, device, batch_size, path)
+    images, labels, num_classes = cached
+    lab = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
+    return ImageSource("generated", uint8_to_float(images), lab, num_classes)
+
+
+def _generate(ckpt: Path, sha: str, seeds: list[int], sampler: str, steps: int, guidance: float, device: str,
+              batch_size: int, path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
+    from ..module import load_denoiser
+    from ..sampling import sample
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    den, kernel = load_denoiser(ckpt, device)
+    meta = den.checkpoint_meta
+    num_classes = int(meta.get("num_classes") or 0)
+    if guidance != 1.0 and not num_classes:
+        raise ValueError(f"generated source: guidance={guidance} needs a class-conditional teacher, and {ckpt} "
+                         "is unconditional.")
+    labels = np.asarray(seeds, dtype=np.int64) % num_classes if num_classes else None
+    x = sample(den, kernel, seeds, tuple(meta["image_shape"]), sampler=sampler, steps=steps,
+               labels=None if labels is None else torch.from_numpy(labels), guidance=guidance,
+               batch_size=batch_size, device=device)
+    images = float_to_uint8(x)
+    arrays: dict[str, np.ndarray] = {
+        "images": images,
+        "seeds": np.asarray(seeds, dtype=np.int64),
+        "teacher_sha256": np.asarray(sha),
+        "teacher_checkpoint": np.asarray(str(ckpt.resolve())),
+        "sampler": np.asarray(str(sampler)),
+        "steps": np.asarray(int(steps), dtype=np.int64),
+        "guidance": np.asarray(float(guidance), dtype=np.float64),
+        "num_classes": np.asarray(num_classes, dtype=np.int64),
+        "format": np.asarray(GENERATED_FORMAT),
+    }
+    if labels is not None:
+        arrays["labels"] = labels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+    return images, labels, num_classes
+
+
 SOURCES = {
     "digits": _digits,
     "cifar10": lambda **kw: _cifar("cifar10", **kw),
@@ -191,6 +334,7 @@ SOURCES = {
     "folder": _folder,
     "npz": _npz,
     "mog": _mog,
+    "generated": generated_source,
 }
 
 
