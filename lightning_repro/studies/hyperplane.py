@@ -52,6 +52,7 @@ at the paper's widths (or ``{checkpoint: ...}`` of trained ones); ``plane.resolu
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import sys
@@ -64,6 +65,9 @@ import torch
 from torch import Tensor
 
 from . import (
+    DIGITS_DIT,
+    DIGITS_TRAIN,
+    DIGITS_UVIT,
     TrainJob,
     config_key,
     format_table,
@@ -104,26 +108,11 @@ DEFAULTS: dict[str, Any] = {
     "size": 64,
     "kernel": "edm",
     "models": {
-        "dit": {
-            "class_path": "DiT",
-            "init_args": {"patch_size": 8, "hidden_size": 128, "depth": 3, "num_heads": 4},
-        },
-        "uvit": {
-            "class_path": "UViT",
-            "init_args": {"patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 4},
-        },
+        "dit": copy.deepcopy(DIGITS_DIT),
+        "uvit": copy.deepcopy(DIGITS_UVIT),
         "optimal": "optimal",
     },
-    "train": {
-        "max_steps": 2000,
-        "lr": 2e-3,
-        "warmup_steps": 100,
-        "ema_halflife_kimg": 1000.0,
-        "ema_rampup_ratio": 0.25,
-        "seed": 0,
-        "kernel_kwargs": {"P_mean": 0.5, "P_std": 1.0},
-        "trainer": {},
-    },
+    "train": copy.deepcopy(DIGITS_TRAIN),
     "plane": {"seeds": [0, 1, 2], "resolution": 32, "margin": 0.25},
     "sample": {"sampler": "heun", "steps": 18, "batch_size": 256},
     "metrics": {"descriptor": "pixel"},

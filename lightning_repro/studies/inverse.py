@@ -40,6 +40,7 @@ the subset), the EDM U-Net / DiT-S/2 / U-ViT-S/2 of the memorization study train
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import sys
@@ -51,6 +52,9 @@ import torch
 from torch import Tensor
 
 from . import (
+    DIGITS_DIT,
+    DIGITS_TRAIN,
+    DIGITS_UVIT,
     TrainJob,
     config_key,
     format_table,
@@ -92,26 +96,11 @@ DEFAULTS: dict[str, Any] = {
     "data": {"source": "digits", "source_kwargs": {}, "size": 1024, "subset_seed": 0, "batch_size": 256},
     "kernel": "edm",
     "models": {
-        "dit": {
-            "class_path": "DiT",
-            "init_args": {"patch_size": 8, "hidden_size": 128, "depth": 3, "num_heads": 4},
-        },
-        "uvit": {
-            "class_path": "UViT",
-            "init_args": {"patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 4},
-        },
+        "dit": copy.deepcopy(DIGITS_DIT),
+        "uvit": copy.deepcopy(DIGITS_UVIT),
         "optimal": OPTIMAL,
     },
-    "train": {
-        "max_steps": 2000,
-        "lr": 2e-3,
-        "warmup_steps": 100,
-        "ema_halflife_kimg": 1000.0,
-        "ema_rampup_ratio": 0.25,
-        "seed": 0,
-        "kernel_kwargs": {"P_mean": 0.5, "P_std": 1.0},
-        "trainer": {},
-    },
+    "train": copy.deepcopy(DIGITS_TRAIN),
     "inverse": {
         "masks": ["easy", "hard"],
         "observations": 32,

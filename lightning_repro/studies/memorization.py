@@ -63,6 +63,7 @@ dropout 0.1), DiT-S/2 (``patch_size: 2, hidden_size: 384, depth: 12, num_heads: 
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,9 @@ from typing import Any
 import torch
 
 from . import (
+    DIGITS_DIT,
+    DIGITS_TRAIN,
+    DIGITS_UVIT,
     TrainJob,
     config_key,
     format_table,
@@ -98,25 +102,10 @@ DEFAULTS: dict[str, Any] = {
     "sizes": [16, 64, 256, 1024],
     "kernel": "edm",
     "archs": {
-        "dit": {
-            "class_path": "DiT",
-            "init_args": {"patch_size": 8, "hidden_size": 128, "depth": 3, "num_heads": 4},
-        },
-        "uvit": {
-            "class_path": "UViT",
-            "init_args": {"patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 4},
-        },
+        "dit": copy.deepcopy(DIGITS_DIT),
+        "uvit": copy.deepcopy(DIGITS_UVIT),
     },
-    "train": {
-        "max_steps": 2000,
-        "lr": 2e-3,
-        "warmup_steps": 100,
-        "ema_halflife_kimg": 1000.0,
-        "ema_rampup_ratio": 0.25,
-        "seed": 0,
-        "kernel_kwargs": {"P_mean": 0.5, "P_std": 1.0},
-        "trainer": {},
-    },
+    "train": copy.deepcopy(DIGITS_TRAIN),
     "sample": {"seeds": 256, "sampler": "heun", "steps": 18},
     "metrics": {"descriptor": "pixel", "threshold": None},
 }

@@ -50,6 +50,7 @@ thousands), ``eval.num_samples: 65536``; ``workers: 1, threads: null``.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -59,6 +60,7 @@ from typing import Any
 import torch
 
 from . import (
+    DIGITS_DIT,
     TrainJob,
     config_key,
     format_table,
@@ -87,10 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "sizes": [16, 32, 64, 128, 256, 1024, 4096],
     "subset_seed": 0,
     "kernel": "edm",
-    "arch": {
-        "class_path": "DiT",
-        "init_args": {"patch_size": 8, "hidden_size": 128, "depth": 3, "num_heads": 4},
-    },
+    "arch": copy.deepcopy(DIGITS_DIT),
     "train": {
         "max_steps": 1500,
         "batch_size": 256,

@@ -51,6 +51,7 @@ threads: null``).
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,8 @@ import numpy as np
 import torch
 
 from . import (
+    DIGITS_DIT,
+    DIGITS_TRAIN,
     TrainJob,
     config_key,
     format_table,
@@ -98,20 +101,8 @@ DEFAULTS: dict[str, Any] = {
     "data": {"source": "digits", "source_kwargs": {}, "subset_seed": 0, "batch_size": 256},
     "sizes": [512],
     "kernel": "edm",
-    "arch": {
-        "class_path": "DiT",
-        "init_args": {"patch_size": 8, "hidden_size": 128, "depth": 3, "num_heads": 4},
-    },
-    "train": {
-        "max_steps": 2000,
-        "lr": 2e-3,
-        "warmup_steps": 100,
-        "ema_halflife_kimg": 1000.0,
-        "ema_rampup_ratio": 0.25,
-        "seed": 0,
-        "kernel_kwargs": {"P_mean": 0.5, "P_std": 1.0},
-        "trainer": {},
-    },
+    "arch": copy.deepcopy(DIGITS_DIT),
+    "train": copy.deepcopy(DIGITS_TRAIN),
     "generated": {"seeds_start": 1_000_000, "sampler": "heun", "steps": 18, "guidance": 1.0},
     "sample": {"seeds": 256, "sampler": "heun", "steps": 18},
     "metrics": {"descriptor": "pixel", "threshold": None},
