@@ -34,12 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "configs" / "experiments" / "gan_vae_contrast.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- networks -----------------------------------------------------------------------------------

@@ -13,13 +13,7 @@ from wandb_offline import read_offline_run
 
 from lightning_repro.studies import conditional
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_quick_run_writes_per_class_table_and_grids(tmp_path, capsys, monkeypatch):

@@ -24,13 +24,7 @@ from lightning_repro.sampling import (
 from lightning_repro.studies import inverse
 from lightning_repro.theory import EmpiricalOptimalDenoiser
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ labels and agreement, and quick runs of both studies.
 
 Tiny models and a few steps only: the scientific outcome is measured by the default-scale runs."""
 
-import csv
 import math
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from study_helpers import assert_png, read_csv
 
 import lightning_repro.sampling as sampling
 from lightning_repro.data import SubsetDataModule, get_source
@@ -32,12 +31,7 @@ TINY_DIT = {"class_path": "DiT", "init_args": {"patch_size": 4, "hidden_size": 1
 SEEDS = "1000000-1000007"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +48,6 @@ def teachers(tmp_path_factory):
         ))
     run_training_jobs(jobs, log=lambda m: None)
     return {j.name: Path(j.ckpt) for j in jobs}
-
-
-def read_csv(path):
-    with open(path) as f:
-        r = csv.DictReader(f)
-        return r.fieldnames, list(r)
-
-
-def assert_png(path, min_size=100):
-    with Image.open(path) as im:
-        assert im.format == "PNG" and min(im.size) >= min_size
 
 
 # ------------------------------------------------------------------------------ generated source

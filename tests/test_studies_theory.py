@@ -3,14 +3,13 @@ expected columns and rows, reruns load the checkpoints instead of training, conf
 
 The scientific trends are not asserted here (a few training steps); the full runs are for that."""
 
-import csv
 import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from PIL import Image
+from study_helpers import assert_png, read_csv
 from wandb_offline import read_offline_run
 
 from lightning_repro.studies import load_study_config, memorization, mog_generalization
@@ -21,23 +20,7 @@ FIG4_YAML = ROOT / "configs" / "experiments" / "fig4_memorization.yaml"
 FIG5_YAML = ROOT / "configs" / "experiments" / "fig5_mog.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def read_csv(path):
-    with open(path) as f:
-        r = csv.DictReader(f)
-        return r.fieldnames, list(r)
-
-
-def assert_png(path, min_size=100):
-    with Image.open(path) as im:
-        assert im.format == "PNG" and min(im.size) >= min_size
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def no_training(monkeypatch):
