@@ -1,11 +1,21 @@
 """Studies: the experiments of Zhang et al., "The Emergence of Reproducibility and Generalizability in
-Diffusion Models" (ICML 2024), each a command that writes a CSV and a PNG.
+Diffusion Models" (ICML 2024), each a command that writes a CSV, a PNG and a W&B run.
 
+* ``sweep``               Fig. 2: the memorization -> generalization phase transition over N x family x width x
+                          seed (local resumable runner or W&B Sweeps agents); RP between families / widths, GL.
+* ``baselines``           Fig. 3 / Sec. 2.3: two GANs and two VAEs (different seeds, same latent codes) do not
+                          reproduce each other; two diffusion models do.
 * ``memorization``        Fig. 4: in the memorization regime trained models reproduce the optimal denoiser
                           of the empirical distribution (Prop. 1); RP(model, optimal) falls and GL rises
                           as the training set grows.
 * ``mog_generalization``  Fig. 5: on low-rank mixtures of Gaussians (Eq. 2) the score error of a trained
                           model against the closed-form score (Prop. 2) falls as the training set grows.
+* ``recovery``            Sec. 3.2.1, Case 2: a student trained on a teacher's samples reproduces the teacher.
+* ``hyperplane``          Fig. 7: maps of the noise plane through three seeds, coloured by the nearest anchor.
+* ``conditional``         Fig. 8 / App. D: per-class RP between conditional models, and unconditional vs
+                          conditional samples.
+* ``inverse``             Fig. 10 / App. F: inpainting with deterministic DPS, RP between models (easy / hard mask).
+* ``finetune``            Fig. 11 / App. G: attention-only fine-tuning vs training from scratch.
 
 This module holds what the studies share: YAML configs with a ``--quick`` override, one training run per
 result that is skipped when its checkpoint exists (``TrainJob``, ``run_training_jobs``, optionally several
