@@ -162,10 +162,20 @@ def sample(
 
     Runs under ``torch.inference_mode()`` in batches of ``batch_size``.
     """
+    seeds = parse_seeds(seeds)
+    return _sample_batches(
+        denoiser, kernel, len(seeds), lambda a, b, dev: seed_noise(seeds[a:b], shape, device=dev, dtype=dtype),
+        sampler, steps, labels, grid, guidance, batch_size, device, progress, dtype, precision, sigma_min, sigma_max,
+        rho, stats, **opts)
+
+
+def _sample_batches(denoiser, kernel, n: int, noise_of, sampler, steps, labels, grid, guidance, batch_size, device,
+                    progress, dtype, precision, sigma_min, sigma_max, rho, stats, **opts) -> Tensor:
+    """The loop ``sample`` and ``sample_from_noise`` share: ``x_T = prior_scale * noise_of(start, end, device)``
+    batch by batch, the deterministic solver on one sigma grid, clamped results on the CPU."""
     kernel = get_kernel(kernel)
     solver = get_sampler(sampler)
     _, amp_dtype = autocast_dtype(precision)
-    seeds = parse_seeds(seeds)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
     if grid is None:
@@ -173,10 +183,10 @@ def sample(
         grid = DEFAULT_GRID.get(key, "native") if isinstance(sampler, str) else "native"
     sigmas = get_sigmas(grid, steps, kernel, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     device = torch.device(device) if device is not None else _default_device(denoiser)
-    all_labels = _labels_for(labels, len(seeds), denoiser)
+    all_labels = _labels_for(labels, n, denoiser)
     if amp_dtype is not None:
         denoiser = AutocastDenoiser(denoiser, amp_dtype)
-    batches = range(0, len(seeds), batch_size)
+    batches = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
@@ -184,9 +194,9 @@ def sample(
     out, nfe, calls = [], 0, 0
     with torch.inference_mode():
         for start in batches:
-            chunk = seeds[start : start + batch_size]
-            x_T = kernel.prior_scale * seed_noise(chunk, shape, device=device, dtype=dtype)
-            lab = None if all_labels is None else all_labels[start : start + batch_size].to(device)
+            end = min(start + batch_size, n)
+            x_T = kernel.prior_scale * noise_of(start, end, device)
+            lab = None if all_labels is None else all_labels[start:end].to(device)
             st: dict = {}
             x0 = solver(denoiser, x_T, sigmas, lab, guidance=guidance, stats=st, **opts)
             out.append(x0.clamp(-1, 1).to("cpu"))
@@ -207,33 +217,23 @@ def sample_from_noise(
     guidance: float = 1.0,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    progress: bool = False,
     dtype: torch.dtype = torch.float32,
+    precision: str = "fp32",
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+    stats: dict | None = None,
     **opts,
 ) -> Tensor:
     """Deterministic samples from explicit noise ``z`` (B, *shape) instead of seeds, float in [-1, 1] on the CPU.
 
-    Exactly what ``sample`` does after drawing its noise: ``x_T = kernel.prior_scale * z`` in the EDM variable,
-    then the deterministic ``sampler`` on the same sigma grid (``grid`` default as in ``sample``), in batches
-    of ``batch_size``.  ``sample_from_noise(D, k, seed_noise(seeds, shape))`` equals ``sample(D, k, seeds,
-    shape)`` (up to the network's round-off on other batch shapes).  ``opts`` go to the sampler.
+    Exactly what ``sample`` does after drawing its noise (same options): ``x_T = kernel.prior_scale * z`` in the
+    EDM variable, then the deterministic ``sampler`` on the same sigma grid, in batches of ``batch_size``.
+    ``sample_from_noise(D, k, seed_noise(seeds, shape))`` equals ``sample(D, k, seeds, shape)``.
     """
-    kernel = get_kernel(kernel)
-    solver = get_sampler(sampler)
     if not isinstance(z, Tensor) or z.ndim < 2 or z.shape[0] < 1 or not z.is_floating_point():
         raise ValueError("z must be a float tensor of shape (B, *image_shape) with B >= 1.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-    if grid is None:
-        key = str(sampler).lower().replace("-", "_").replace("++", "pp")
-        grid = DEFAULT_GRID.get(key, "native") if isinstance(sampler, str) else "native"
-    sigmas = get_sigmas(grid, steps, kernel)
-    device = torch.device(device) if device is not None else _default_device(denoiser)
-    all_labels = _labels_for(labels, z.shape[0], denoiser)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, z.shape[0], batch_size):
-            x_T = kernel.prior_scale * z[start : start + batch_size].to(device=device, dtype=dtype)
-            lab = None if all_labels is None else all_labels[start : start + batch_size].to(device)
-            x0 = solver(denoiser, x_T, sigmas, lab, guidance=guidance, **opts)
-            out.append(x0.clamp(-1, 1).to("cpu"))
-    return torch.cat(out)
+    return _sample_batches(
+        denoiser, kernel, z.shape[0], lambda a, b, dev: z[a:b].to(device=dev, dtype=dtype), sampler, steps, labels,
+        grid, guidance, batch_size, device, progress, dtype, precision, sigma_min, sigma_max, rho, stats, **opts)
