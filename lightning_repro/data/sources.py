@@ -211,6 +211,27 @@ def _generated_key(sha256: str, seeds: list[int], sampler: str, steps: int, guid
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _checked_teacher(checkpoint: str | os.PathLike | None, seeds: str | int | list[int]) -> tuple[Path, list[int]]:
+    """The teacher checkpoint's path (which must exist) and the parsed seeds, or one sentence on what is wrong."""
+    from ..sampling.noise import parse_seeds
+
+    if checkpoint is None:
+        raise ValueError("generated source: give the teacher checkpoint (source_kwargs checkpoint: PATH).")
+    ckpt = Path(checkpoint).expanduser()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"generated source: teacher checkpoint {ckpt} does not exist.")
+    try:
+        return ckpt, parse_seeds(seeds)
+    except ValueError as err:
+        raise ValueError(f"generated source: {err}") from None
+
+
+def _cache_path(ckpt: Path, sha: str, seeds: list[int], sampler: str, steps: int, guidance: float,
+                cache_dir: str | os.PathLike | None) -> Path:
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else ckpt.parent
+    return folder / f"{ckpt.stem}.generated_{_generated_key(sha, seeds, sampler, steps, guidance)}.npz"
+
+
 def generated_cache_path(checkpoint: str | os.PathLike, seeds: str | int | list[int] = GENERATED_DEFAULT_SEEDS,
                          sampler: str = "heun", steps: int = 18, guidance: float = 1.0,
                          cache_dir: str | os.PathLike | None = None) -> Path:
@@ -218,18 +239,9 @@ def generated_cache_path(checkpoint: str | os.PathLike, seeds: str | int | list[
     ``<cache_dir or the checkpoint's folder>/<checkpoint stem>.generated_<hash>.npz``, the hash covering the
     checkpoint's SHA-256, the seeds, the sampler, the steps and the guidance weight."""
     from ..module import file_sha256
-    from ..sampling.noise import parse_seeds
 
-    ckpt = Path(checkpoint).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"generated source: teacher checkpoint {ckpt} does not exist.")
-    try:
-        seed_list = parse_seeds(seeds)
-    except ValueError as err:
-        raise ValueError(f"generated source: {err}") from None
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else ckpt.parent
-    key = _generated_key(file_sha256(ckpt), seed_list, sampler, steps, guidance)
-    return folder / f"{ckpt.stem}.generated_{key}.npz"
+    ckpt, seed_list = _checked_teacher(checkpoint, seeds)
+    return _cache_path(ckpt, file_sha256(ckpt), seed_list, sampler, steps, guidance, cache_dir)
 
 
 def _read_generated(path: Path, sha256: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray | None, int] | None:
@@ -263,23 +275,14 @@ def generated_source(checkpoint: str | os.PathLike | None = None,
     returned as the cache holds them (uint8 -> [-1, 1]), so the first and later calls give the same tensor.
     """
     from ..module import file_sha256
-    from ..sampling.noise import parse_seeds
 
-    if checkpoint is None:
-        raise ValueError("generated source: give the teacher checkpoint (source_kwargs checkpoint: PATH).")
-    ckpt = Path(checkpoint).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"generated source: teacher checkpoint {ckpt} does not exist.")
-    try:
-        seed_list = parse_seeds(seeds)
-    except ValueError as err:
-        raise ValueError(f"generated source: {err}") from None
+    ckpt, seed_list = _checked_teacher(checkpoint, seeds)
     if len(set(seed_list)) != len(seed_list):
         raise ValueError(f"generated source: seeds {seeds!r} repeat a seed; each training sample needs its own seed.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"generated source: steps must be a positive integer, got {steps!r}.")
-    sha = file_sha256(ckpt)
-    path = generated_cache_path(ckpt, seed_list, sampler, steps, guidance, cache_dir)
+    sha = file_sha256(ckpt)  # read once: the cache's name and its check
+    path = _cache_path(ckpt, sha, seed_list, sampler, steps, guidance, cache_dir)
     cached = _read_generated(path, sha, seed_list) if path.is_file() else None
     if cached is None:
         cached = _generate(ckpt, sha, seed_list, sampler, steps, guidance, device, batch_size, path)
