@@ -39,9 +39,7 @@ Gaussian likelihood (std 0.2), beta 1 (1,500 steps of batch 128); single-token D
 hidden_size 128, depth 3, num_heads 4``, EDM kernel with ln(sigma) ~ N(0.5, 1), 2,000 steps of batch 256,
 EMA half-life 25% of training); 256 seeds; two trainings at once (``workers: 2``, one thread each).
 
-Measured (these defaults, 2 shared CPU cores): 507 s of CPU in all (user + system, the six trainings ~97% of
-it), i.e. ~4-5 min of wall time on an idle 2-core machine; 18.8 min wall on a machine loaded by other jobs
-(load average 10-15: the DiT took 430 s per training against ~85 s unloaded).  Result: RP(GAN, GAN) = 0.000
+Measured (these defaults): 3 min 21 s wall (measured from scratch on an otherwise idle 2-core machine, 2026-11-27).  Result: RP(GAN, GAN) = 0.000
 (mean similarity 0.52), RP(VAE, VAE) = 0.000 (0.60), RP(diffusion, diffusion) = 0.867 (0.98, MAE 8 / 255)
 with GL 0.94-0.95 for both diffusion models, i.e. they agree on *new* images, not on copies of training
 digits; GAN and VAE samples are new too (GL ~1) but unrelated across training seeds.  The DCGAN samples are

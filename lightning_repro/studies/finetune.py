@@ -27,8 +27,7 @@ less, RP(fine-tuned, optimal) 0.46 against 0.62, and RP(fine-tuned, scratch) was
 0.74 / 0.54 / 0.75), EMA half-life 25% of training; pretraining 3,000 steps, from scratch 1,500 steps,
 fine-tuning 1,500 steps; 256 seeds, Heun 18 steps; two trainings at once (``workers: 2``, one thread each).
 
-Measured with these defaults (2 shared CPU cores, other jobs running: 10.7 min wall, 523 s of CPU time; the 7
-trainings take ~4.4 min per core): RP(fine-tuned, scratch) = 0.74 / 0.54 / 0.75 at N = 16 / 64 / 256 (same
+Measured with these defaults (5 min 9 s wall, measured from scratch on an otherwise idle 2-core machine, 2026-11-27): RP(fine-tuned, scratch) = 0.74 / 0.54 / 0.75 at N = 16 / 64 / 256 (same
 nearest training image 0.70 / 0.53 / 0.53), RP(fine-tuned, optimal) = 0.62 / 0.03 / 0.00 against 0.74 / 0.22 /
 0.00 from scratch, GL fine-tuned 0.27 / 0.96 / 1.00 against 0.04 / 0.70 / 1.00 from scratch, RP(fine-tuned,
 pretrained) = 0.  So the two models agree most in the memorization (N = 16) and generalization (N = 256) regimes

@@ -42,8 +42,8 @@ depth 3) and U-ViT (patch 8, width 128, depth 2), 2,000 steps of batch 256 (trai
 plus ``optimal``; R = 32 (1,024 + 3 samples per model), margin 0.25, seeds 0, 1, 2.  Measured
 (2026-11-27): agreement DiT|U-ViT 0.96, DiT|optimal 0.87, U-ViT|optimal 0.86 at N = 64; with ``size: 1024``
 (generalization regime) DiT|U-ViT 0.92 but DiT|optimal 0.77, U-ViT|optimal 0.70: the two networks still draw
-the same map while leaving the empirical optimal denoiser's.  ~250 s of CPU time, ~2.5-3 min on an idle
-2-core machine.
+the same map while leaving the empirical optimal denoiser's.  2 min 26 s wall (measured from scratch on an
+otherwise idle 2-core machine).
 
 Full scale, as the paper: ``data.source: cifar10``, N = 2^6 (memorization) or 2^15 (generalization); models
 at the paper's widths (or ``{checkpoint: ...}`` of trained ones); ``plane.resolution: 64``;

@@ -40,8 +40,8 @@ each), then the student; 256 evaluation seeds 0-255, Heun 18 steps, pixel descri
 N = 512 is past the memorization regime (the teacher's GL is ~0.9: 91% of its samples have no training image
 above the threshold), so the student cannot succeed by copying the same training images.  Measured
 (2026-11-27): N = 512: RP(teacher, student) = 0.61, RP(teacher, baseline) = 0.31 (MAE 15.5 vs 19.8; GL
-teacher 0.91); N = 256: 0.54 vs 0.12 (GL teacher 0.54).  335 s of CPU time in all, i.e. ~4-5 min on an idle
-2-core machine (25 min wall on a machine shared with 8-16 other busy processes).
+teacher 0.91); N = 256: 0.54 vs 0.12 (GL teacher 0.54).  3 min 42 s wall (measured from scratch on an otherwise idle 2-core machine, 2026-11-27;
+the same numbers as on a loaded machine: the study is deterministic).
 
 Full scale, as the paper: ``data.source: cifar10``; an EDM U-Net / DiT at the paper's widths; N in the
 generalization regime (e.g. 2^14 - 2^15); ``generated.seeds_start: 1000000`` (the student's N samples);
