@@ -57,6 +57,8 @@ __all__ = [
     "resolve_device",
     "StudySetup",
     "setup_study",
+    "prepare_output",
+    "study_job",
     "source_image_shape",
     "study_main",
     "log",
@@ -127,14 +129,21 @@ class StudySetup:
     steps: int
 
 
-def setup_study(cfg: Mapping[str, Any]) -> StudySetup:
-    """Threads, output folder, device, the descriptor (``metrics.descriptor``) with its threshold (``metrics.threshold``,
-    null = the descriptor's calibrated default) and the sampling settings (``sample.seeds``: seeds 0..S-1)."""
-    from ..metrics import get_descriptor
-
+def prepare_output(cfg: Mapping[str, Any]) -> tuple[Path, torch.device]:
+    """Torch threads (``threads``), the output folder (``out``, created) and the device (``device``) of a study."""
     set_threads(cfg.get("threads"))
     out = Path(str(cfg["out"]))
     out.mkdir(parents=True, exist_ok=True)
+    return out, resolve_device(cfg.get("device", "auto"))
+
+
+def setup_study(cfg: Mapping[str, Any]) -> StudySetup:
+    """Threads, output folder, device, the descriptor (``metrics.descriptor``) with its threshold
+    (``metrics.threshold``, null = the descriptor's calibrated default) and the sampling settings (``sample.seeds``:
+    seeds 0..S-1)."""
+    from ..metrics import get_descriptor
+
+    out, device = prepare_output(cfg)
     metrics = cfg.get("metrics") or {}
     desc = get_descriptor(metrics.get("descriptor", "pixel"))
     thr = metrics.get("threshold")
@@ -142,7 +151,7 @@ def setup_study(cfg: Mapping[str, Any]) -> StudySetup:
     n = smp.get("seeds", 0)
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"sample.seeds must be a positive integer (seeds 0..seeds-1), got {n!r}.")
-    return StudySetup(out, resolve_device(cfg.get("device", "auto")), desc,
+    return StudySetup(out, device, desc,
                       float(desc.default_threshold if thr is None else thr), list(range(n)),
                       str(smp.get("sampler", "heun")), int(smp.get("steps", 18)))
 
@@ -307,6 +316,26 @@ class TrainJob:
         return Path(self.ckpt).is_file()
 
 
+def study_job(
+    cfg: Mapping[str, Any],
+    name: str,
+    arch: Mapping[str, Any],
+    image_shape: Sequence[int],
+    module_kwargs: Mapping[str, Any],
+    data_kwargs: Mapping[str, Any],
+    ckpt: str | os.PathLike,
+    train: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
+    **extra: Any,
+) -> TrainJob:
+    """A study's ``TrainJob``: steps and Trainer options from its ``train`` section (default ``cfg["train"]``;
+    ``max_steps`` overrides), torch threads from ``cfg["threads"]``; ``extra`` (e.g. ``wandb``) as given."""
+    train = cfg["train"] if train is None else train
+    steps = train["max_steps"] if max_steps is None else max_steps
+    return TrainJob(name, arch, tuple(int(v) for v in image_shape), dict(module_kwargs), dict(data_kwargs),
+                    str(ckpt), int(steps), dict(train.get("trainer") or {}), cfg.get("threads"), **extra)
+
+
 def _train_job(job: TrainJob) -> dict[str, Any]:
     """Train one job (in this process) and write its checkpoint atomically; returns its sidecar record."""
     import lightning as L
@@ -394,7 +423,8 @@ def run_training_jobs(jobs: Sequence[TrainJob], workers: int = 1, log: Callable[
             log(f"[{i}/{len(todo)}] training {j.name} ({j.max_steps} steps)")
             meta = _train_job(j)
             log(
-                f"  {j.name}: {meta['steps']} steps in {meta['train_seconds']:.0f}s, final loss {meta['final_loss']:.4f}"
+                f"  {j.name}: {meta['steps']} steps in {meta['train_seconds']:.0f}s, "
+                f"final loss {meta['final_loss']:.4f}"
             )
     else:
         import multiprocessing as mp

@@ -39,11 +39,12 @@ Gaussian likelihood (std 0.2), beta 1 (1,500 steps of batch 128); single-token D
 hidden_size 128, depth 3, num_heads 4``, EDM kernel with ln(sigma) ~ N(0.5, 1), 2,000 steps of batch 256,
 EMA half-life 25% of training); 256 seeds; two trainings at once (``workers: 2``, one thread each).
 
-Measured (these defaults): 3 min 21 s wall (measured from scratch on an otherwise idle 2-core machine, 2026-11-27).  Result: RP(GAN, GAN) = 0.000
-(mean similarity 0.52), RP(VAE, VAE) = 0.000 (0.60), RP(diffusion, diffusion) = 0.867 (0.98, MAE 8 / 255)
-with GL 0.94-0.95 for both diffusion models, i.e. they agree on *new* images, not on copies of training
-digits; GAN and VAE samples are new too (GL ~1) but unrelated across training seeds.  The DCGAN samples are
-recognisable but noisy digits, the VAE's blurry ones (decoder means), as expected at this scale.
+Measured (these defaults): 3 min 21 s wall (measured from scratch on an otherwise idle 2-core machine,
+2026-11-27).  Result: RP(GAN, GAN) = 0.000 (mean similarity 0.52), RP(VAE, VAE) = 0.000 (0.60), RP(diffusion,
+diffusion) = 0.867 (0.98, MAE 8 / 255) with GL 0.94-0.95 for both diffusion models, i.e. they agree on *new*
+images, not on copies of training digits; GAN and VAE samples are new too (GL ~1) but unrelated across training
+seeds.  The DCGAN samples are recognisable but noisy digits, the VAE's blurry ones (decoder means), as expected at
+this scale.
 
 Full scale, as the paper (one GPU per run, ``workers: 1, threads: null``): ``data.source: cifar10``;
 ``latent_dim: 100`` (the GAN / VAE codes then differ from the diffusion noise, which has 3,072 entries; the
@@ -74,6 +75,7 @@ from . import (
     run_training_jobs,
     save_figure,
     setup_study,
+    study_job,
     study_main,
     write_csv,
 )
@@ -232,17 +234,8 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> list[TrainJob]:
             )
             ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_seed{s}_{run_key(fam, s, cfg)}.ckpt"
             out.append(
-                TrainJob(
-                    f"{name} seed={s}",
-                    spec,
-                    image_shape,
-                    module_kwargs,
-                    data_kwargs,
-                    str(ckpt),
-                    int(fam["steps"]) * per_batch,
-                    dict(fam.get("trainer") or {}),
-                    cfg.get("threads"),
-                )
+                study_job(cfg, f"{name} seed={s}", spec, image_shape, module_kwargs, data_kwargs, ckpt, train=fam,
+                          max_steps=int(fam["steps"]) * per_batch)
             )
     return out
 

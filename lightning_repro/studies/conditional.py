@@ -29,14 +29,14 @@ and RP per class), ``DIR/conditional_models.csv`` (class accuracy per model), ``
 first column the unconditional sample of that seed, then one column per class) and checkpoints
 ``DIR/checkpoints/<model>_<hash>.ckpt`` (a rerun skips finished trainings).
 
-Scale.  CPU defaults (``configs/experiments/conditional.yaml``): all 1,797 8 x 8 digits (10 classes);
-conditional single-token DiT and U-ViT (one 8 x 8 patch, label embedding; 2,000 steps of batch 256) and a
-conditional 16-channel EDM DDPM++ U-Net (1,500 steps of batch 64), an unconditional single-token DiT;
-64 seeds x 10 classes, Heun 18 steps; pixel descriptor, threshold 0.97; two trainings at once (3 min 39 s wall,
-measured from scratch on an otherwise idle 2-core machine, 2026-11-27).  Measured: class accuracy 0.98-0.99 for all three; RP per class
+Scale.  CPU defaults (``configs/experiments/conditional.yaml``): all 1,797 8 x 8 digits (10 classes); conditional
+single-token DiT and U-ViT (one 8 x 8 patch, label embedding; 2,000 steps of batch 256) and a conditional
+16-channel EDM DDPM++ U-Net (1,500 steps of batch 64), an unconditional single-token DiT; 64 seeds x 10 classes,
+Heun 18 steps; pixel descriptor, threshold 0.97; two trainings at once (3 min 39 s wall, measured from scratch on
+an otherwise idle 2-core machine, 2026-11-27).  Measured: class accuracy 0.98-0.99 for all three; RP per class
 0.94-1.0 between DiT and U-ViT (overall 0.97) and 0.69-0.98 between the U-Net and either transformer (0.79);
-unconditional DiT vs the conditional sample of the class it resembles 0.69 (DiT), 0.67 (U-ViT), 0.47 (U-Net),
-the resembled class being the best-matching class for 81-89% of the seeds.
+unconditional DiT vs the conditional sample of the class it resembles 0.69 (DiT), 0.67 (U-ViT), 0.47 (U-Net), the
+resembled class being the best-matching class for 81-89% of the seeds.
 
 Full scale, as the paper: ``data.source: cifar10``; the EDM U-Net at the paper's width (``model_channels
 128, channel_mult [2, 2, 2], num_blocks 4, attn_resolutions [16]``), DiT-S/2 and U-ViT-S/2, trained
@@ -67,6 +67,7 @@ from . import (
     run_training_jobs,
     save_figure,
     setup_study,
+    study_job,
     study_main,
     write_csv,
 )
@@ -220,17 +221,8 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...], num_classes: int) ->
         arch = {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
         ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_{run_key(name, spec, cfg)}.ckpt"
         out.append(
-            TrainJob(
-                f"{name} ({'conditional' if cond else 'unconditional'})",
-                arch,
-                image_shape,
-                module_kwargs,
-                _data_kwargs(cfg, cond, tr.get("batch_size")),
-                str(ckpt),
-                int(tr["max_steps"]),
-                dict(tr.get("trainer") or {}),
-                cfg.get("threads"),
-            )
+            study_job(cfg, f"{name} ({'conditional' if cond else 'unconditional'})", arch, image_shape,
+                      module_kwargs, _data_kwargs(cfg, cond, tr.get("batch_size")), ckpt, train=tr)
         )
     return out
 

@@ -27,14 +27,15 @@ less, RP(fine-tuned, optimal) 0.46 against 0.62, and RP(fine-tuned, scratch) was
 0.74 / 0.54 / 0.75), EMA half-life 25% of training; pretraining 3,000 steps, from scratch 1,500 steps,
 fine-tuning 1,500 steps; 256 seeds, Heun 18 steps; two trainings at once (``workers: 2``, one thread each).
 
-Measured with these defaults (5 min 9 s wall, measured from scratch on an otherwise idle 2-core machine, 2026-11-27): RP(fine-tuned, scratch) = 0.74 / 0.54 / 0.75 at N = 16 / 64 / 256 (same
-nearest training image 0.70 / 0.53 / 0.53), RP(fine-tuned, optimal) = 0.62 / 0.03 / 0.00 against 0.74 / 0.22 /
-0.00 from scratch, GL fine-tuned 0.27 / 0.96 / 1.00 against 0.04 / 0.70 / 1.00 from scratch, RP(fine-tuned,
-pretrained) = 0.  So the two models agree most in the memorization (N = 16) and generalization (N = 256) regimes
-and least in between, where the fine-tuned model already produces new images and the model from scratch still
-partly memorizes: with 20% of its parameters trainable (the rest pretrained on other digits) the fine-tuned model
-memorizes less, i.e. its transition comes at smaller N (whether from its smaller capacity or its prior is not
-separated here; ``finetune.trainable: ["*"]`` is the control).
+Measured with these defaults (5 min 9 s wall, measured from scratch on an otherwise idle 2-core machine,
+2026-11-27): RP(fine-tuned, scratch) = 0.74 / 0.54 / 0.75 at N = 16 / 64 / 256 (same nearest training image 0.70 /
+0.53 / 0.53), RP(fine-tuned, optimal) = 0.62 / 0.03 / 0.00 against 0.74 / 0.22 / 0.00 from scratch, GL fine-tuned
+0.27 / 0.96 / 1.00 against 0.04 / 0.70 / 1.00 from scratch, RP(fine-tuned, pretrained) = 0.  So the two models
+agree most in the memorization (N = 16) and generalization (N = 256) regimes and least in between, where the
+fine-tuned model already produces new images and the model from scratch still partly memorizes: with 20% of its
+parameters trainable (the rest pretrained on other digits) the fine-tuned model memorizes less, i.e. its
+transition comes at smaller N (whether from its smaller capacity or its prior is not separated here;
+``finetune.trainable: ["*"]`` is the control).
 
 Command::
 
@@ -82,6 +83,7 @@ from . import (
     run_training_jobs,
     save_figure,
     setup_study,
+    study_job,
     study_main,
     write_csv,
 )
@@ -202,33 +204,25 @@ def _data_kwargs(cfg: dict, target: bool, size: int | None) -> dict[str, Any]:
     )
 
 
-def _module_kwargs(cfg: dict, **over: Any) -> dict[str, Any]:
-    tr = cfg["train"]
-    kw = module_kwargs_from(cfg["kernel"], tr)
-    kw.update({k: v for k, v in over.items() if v is not None})
-    return kw
-
-
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> tuple[TrainJob, list[TrainJob], list[TrainJob]]:
     """``(pretrain, [from scratch per N], [fine-tune per N])``; the fine-tunes start from the pretrain checkpoint."""
     ckdir = Path(cfg["out"]) / "checkpoints"
-    trainer = dict(cfg["train"].get("trainer") or {})
-    threads = cfg.get("threads")
+    base = module_kwargs_from(cfg["kernel"], cfg["train"])
 
     def job(name: str, ckpt: Path, module_kwargs: dict, data_kwargs: dict, steps: int) -> TrainJob:
-        return TrainJob(name, cfg["arch"], image_shape, module_kwargs, data_kwargs, str(ckpt), int(steps),
-                        trainer, threads)
+        return study_job(cfg, name, cfg["arch"], image_shape, module_kwargs, data_kwargs, ckpt, max_steps=steps)
 
     pre_size = cfg["pretrain"].get("size")
     pre_ckpt = ckdir / f"pretrain_{run_key('pretrain', pre_size, cfg)}.ckpt"
-    pretrain = job("pretrain", pre_ckpt, _module_kwargs(cfg), _data_kwargs(cfg, False, pre_size),
+    pretrain = job("pretrain", pre_ckpt, base, _data_kwargs(cfg, False, pre_size),
                    cfg["pretrain"]["max_steps"])
     ft = cfg["finetune"]
     scratch, finetune = [], []
     for n in sorted(cfg["sizes"]):
         scratch.append(job(f"scratch N={n}", ckdir / f"scratch_N{n}_{run_key('scratch', n, cfg)}.ckpt",
-                           _module_kwargs(cfg), _data_kwargs(cfg, True, n), cfg["scratch"]["max_steps"]))
-        ft_kwargs = _module_kwargs(cfg, lr=ft.get("lr"), warmup_steps=ft.get("warmup_steps"))
+                           base, _data_kwargs(cfg, True, n), cfg["scratch"]["max_steps"]))
+        ft_kwargs = module_kwargs_from(cfg["kernel"], cfg["train"], lr=ft.get("lr"),
+                                       warmup_steps=ft.get("warmup_steps"))
         ft_kwargs.update(init_from=str(pre_ckpt), trainable=ft.get("trainable"))
         ft_ckpt = ckdir / f"finetune_N{n}_{run_key('finetune', n, cfg, pre_ckpt.name)}.ckpt"
         finetune.append(job(f"finetune N={n}", ft_ckpt, ft_kwargs, _data_kwargs(cfg, True, n), ft["max_steps"]))

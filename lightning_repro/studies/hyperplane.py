@@ -75,10 +75,10 @@ from . import (
     log,
     log_study_to_wandb,
     module_kwargs_from,
-    resolve_device,
+    prepare_output,
     run_training_jobs,
     save_figure,
-    set_threads,
+    study_job,
     study_main,
     write_csv,
 )
@@ -225,8 +225,7 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> dict[str, TrainJo
     for name, entry in cfg["models"].items():
         if _kind(name, entry) == "train":
             ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_N{n}_{run_key(entry, n, cfg)}.ckpt"
-            out[name] = TrainJob(f"{name} N={n}", entry, image_shape, module_kwargs, data_kwargs, str(ckpt),
-                                 int(tr["max_steps"]), dict(tr.get("trainer") or {}), cfg.get("threads"))
+            out[name] = study_job(cfg, f"{name} N={n}", entry, image_shape, module_kwargs, data_kwargs, ckpt)
     return out
 
 
@@ -256,10 +255,7 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     from ..theory import EmpiricalOptimalDenoiser
 
     _check(cfg)
-    set_threads(cfg.get("threads"))
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.get("device", "auto"))
+    out, device = prepare_output(cfg)
     d, pl, sm = cfg["data"], cfg["plane"], cfg["sample"]
     n, res, margin = int(cfg["size"]), pl["resolution"], pl["margin"]
     t_start = time.time()

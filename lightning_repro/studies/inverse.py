@@ -67,6 +67,7 @@ from . import (
     run_training_jobs,
     save_figure,
     setup_study,
+    study_job,
     study_main,
     write_csv,
 )
@@ -200,10 +201,7 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> list[TrainJob]:
             continue
         ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_N{n}_{run_key(spec, cfg)}.ckpt"
         out.append(
-            TrainJob(
-                name, spec, image_shape, module_kwargs, _data_kwargs(cfg), str(ckpt), int(tr["max_steps"]),
-                dict(tr.get("trainer") or {}), cfg.get("threads"),
-            )
+            study_job(cfg, name, spec, image_shape, module_kwargs, _data_kwargs(cfg), ckpt)
         )
     return out
 

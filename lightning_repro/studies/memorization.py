@@ -46,8 +46,8 @@ batch 64 up to 3,000 steps, or batch 256 for 500 steps; P_mean -1.2 / 0 / 0.5; E
 DiT / U-ViT reached 0.93-0.97 in 1,500 steps of batch 256.  Trained only at sigma = 2 (N = 16, batch 64),
 the U-Net's relative squared error to the optimal denoiser was 0.16 after 1,500 steps against 0.09 for
 the single-token DiT.  The choice of the training image is made at sigma ~ 1-5 (replacing the model by the
-optimal denoiser below sigma = 5 / 3 / 1 in that U-Net's sampler recovers 94% / 88% / 63% of the optimal's choices), so these
-errors send trajectories into other images' basins.  That the convolutional network learns the exact
+optimal denoiser below sigma = 5 / 3 / 1 in that U-Net's sampler recovers 94% / 88% / 63% of the optimal's
+choices), so these errors send trajectories into other images' basins.  That the convolutional network learns the exact
 softmax over training images more slowly is plausibly its locality / translation bias (cf. Kamb & Ganguli
 2024, patch-mosaic denoisers); the paper reports that U-Nets trained at its scale (CIFAR-10, long
 training) do reproduce the optimal denoiser at small N.
@@ -86,6 +86,7 @@ from . import (
     save_figure,
     setup_study,
     source_image_shape,
+    study_job,
     study_main,
     write_csv,
 )
@@ -183,19 +184,7 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> list[TrainJob]:
         )
         for name, spec in cfg["archs"].items():
             ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_N{n}_{run_key(spec, n, cfg)}.ckpt"
-            out.append(
-                TrainJob(
-                    f"{name} N={n}",
-                    spec,
-                    image_shape,
-                    module_kwargs,
-                    data_kwargs,
-                    str(ckpt),
-                    int(tr["max_steps"]),
-                    dict(tr.get("trainer") or {}),
-                    cfg.get("threads"),
-                )
-            )
+            out.append(study_job(cfg, f"{name} N={n}", spec, image_shape, module_kwargs, data_kwargs, ckpt))
     return out
 
 

@@ -66,11 +66,13 @@ from . import (
     format_table,
     load_study_config,
     load_trained,
+    log,
     log_study_to_wandb,
     module_kwargs_from,
+    prepare_output,
     run_training_jobs,
     save_figure,
-    set_threads,
+    study_job,
     write_csv,
 )
 
@@ -137,16 +139,6 @@ def columns(per_sigma: list[float]) -> list[str]:
 
 
 COLUMNS = columns(DEFAULTS["eval"]["per_sigma"])
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _check(cfg: dict) -> list[tuple[int, int]]:
@@ -232,19 +224,7 @@ def jobs(cfg: dict[str, Any]) -> list[TrainJob]:
                 source_kwargs=_source_kwargs(cfg, K, d),
             )
             ckpt = Path(cfg["out"]) / "checkpoints" / f"K{K}_d{d}_N{n}_{run_key(K, d, n, cfg)}.ckpt"
-            out.append(
-                TrainJob(
-                    f"K={K} d={d} N={n}",
-                    cfg["arch"],
-                    shape,
-                    module_kwargs,
-                    data_kwargs,
-                    str(ckpt),
-                    int(tr["max_steps"]),
-                    dict(tr.get("trainer") or {}),
-                    cfg.get("threads"),
-                )
-            )
+            out.append(study_job(cfg, f"K={K} d={d} N={n}", cfg["arch"], shape, module_kwargs, data_kwargs, ckpt))
     return out
 
 
@@ -254,23 +234,20 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     from ..theory import EmpiricalOptimalDenoiser, LowRankMoG
 
     mixtures = _check(cfg)
-    set_threads(cfg.get("threads"))
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(str(cfg.get("device", "auto")))
+    out, device = prepare_output(cfg)
     shape = tuple(int(v) for v in cfg["shape"])
     sizes = sorted(cfg["sizes"])
     tr, ev = cfg["train"], cfg["eval"]
     cols = columns(ev["per_sigma"])
     t_start = time.time()
-    _log(
+    log(
         f"fig5: (K, d) in {mixtures}, n = {math.prod(shape)} {shape}, N in {sizes}, {tr['max_steps']} steps of "
         f"batch {tr['batch_size']} each, score error on {ev['num_samples']} draws -> {out}"
     )
     all_jobs = jobs(cfg)
-    run_training_jobs(all_jobs, int(cfg.get("workers", 1)), log=_log)
+    run_training_jobs(all_jobs, int(cfg.get("workers", 1)), log=log)
 
-    _log("scoring against the closed-form MoG score ...")
+    log("scoring against the closed-form MoG score ...")
     rows: list[dict[str, Any]] = []
     it = iter(all_jobs)
     for K, d in mixtures:
@@ -296,21 +273,21 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                 "train_seconds": float(meta.get("train_seconds", float("nan"))),
             }
             rows.append(row)
-            _log(
+            log(
                 f"  K={K} d={d} N={n}: score error {row['score_error']:.4g} (empirical optimal denoiser: {emp:.4g}) "
                 f"({time.time() - t0:.0f}s)"
             )
             write_csv(rows, out / "fig5.csv", cols)  # partial results survive an interruption
     csv_path = write_csv(rows, out / "fig5.csv", cols)
     png_path = plot(rows, out / "fig5.png", shape)
-    _log(format_table(rows, cols[: len(cols) - 3]))
+    log(format_table(rows, cols[: len(cols) - 3]))
     trend = ", ".join(
         f"(K={K}, d={d}): {_err(rows, K, d, sizes[0]):.3g}->{_err(rows, K, d, sizes[-1]):.3g}"
         for K, d in mixtures
     )
     log_study_to_wandb("fig5_mog", cfg, rows, cols, {"plot": png_path},
                        {f"score_error_K{K}_d{d}_N{sizes[-1]}": _err(rows, K, d, sizes[-1]) for K, d in mixtures})
-    _log(
+    log(
         f"fig5 done in {time.time() - t_start:.0f}s: score error N {sizes[0]}->{sizes[-1]}: {trend} | "
         f"{csv_path} | {png_path}"
     )

@@ -33,15 +33,15 @@ seeds, one row each; with several N also RP vs N), ``DIR/eval/N<N>_{student,base
 configuration, the student's includes the teacher's; a rerun skips finished trainings) and a W&B run in
 group ``recovery``.
 
-Scale.  CPU defaults (``configs/experiments/recovery.yaml``): 8 x 8 digits, N = 512; the single-token DiT
-(patch 8, hidden 128, depth 3; ~1M parameters), EDM kernel with training noise ln(sigma) ~ N(0.5, 1), 2,000 steps
-of batch 256, EMA half-life 25% of training; teacher and baseline trained at once (``workers: 2``, one thread
-each), then the student; 256 evaluation seeds 0-255, Heun 18 steps, pixel descriptor (threshold 0.97).
-N = 512 is past the memorization regime (the teacher's GL is ~0.9: 91% of its samples have no training image
-above the threshold), so the student cannot succeed by copying the same training images.  Measured
-(2026-11-27): N = 512: RP(teacher, student) = 0.61, RP(teacher, baseline) = 0.31 (MAE 15.5 vs 19.8; GL
-teacher 0.91); N = 256: 0.54 vs 0.12 (GL teacher 0.54).  3 min 42 s wall (measured from scratch on an otherwise idle 2-core machine, 2026-11-27;
-the same numbers as on a loaded machine: the study is deterministic).
+Scale.  CPU defaults (``configs/experiments/recovery.yaml``): 8 x 8 digits, N = 512; the single-token DiT (patch
+8, hidden 128, depth 3; ~1M parameters), EDM kernel with training noise ln(sigma) ~ N(0.5, 1), 2,000 steps of
+batch 256, EMA half-life 25% of training; teacher and baseline trained at once (``workers: 2``, one thread each),
+then the student; 256 evaluation seeds 0-255, Heun 18 steps, pixel descriptor (threshold 0.97). N = 512 is past
+the memorization regime (the teacher's GL is ~0.9: 91% of its samples have no training image above the threshold),
+so the student cannot succeed by copying the same training images.  Measured (2026-11-27): N = 512: RP(teacher,
+student) = 0.61, RP(teacher, baseline) = 0.31 (MAE 15.5 vs 19.8; GL teacher 0.91); N = 256: 0.54 vs 0.12 (GL
+teacher 0.54).  3 min 42 s wall (measured from scratch on an otherwise idle 2-core machine, 2026-11-27; the same
+numbers as on a loaded machine: the study is deterministic).
 
 Full scale, as the paper: ``data.source: cifar10``; an EDM U-Net / DiT at the paper's widths; N in the
 generalization regime (e.g. 2^14 - 2^15); ``generated.seeds_start: 1000000`` (the student's N samples);
@@ -69,11 +69,11 @@ from . import (
     log,
     log_study_to_wandb,
     module_kwargs_from,
-    resolve_device,
+    prepare_output,
     run_training_jobs,
     save_figure,
-    set_threads,
     source_image_shape,
+    study_job,
     study_main,
     write_csv,
 )
@@ -146,20 +146,16 @@ COLUMNS = [
 
 
 
-def _hash(obj: Any) -> str:
-    return config_key(obj)
-
-
 def run_key(role: str, n: int, cfg: dict[str, Any]) -> str:
     """Eight hex digits of the SHA-256 of everything that determines the ``role`` model at size ``n`` (the
     student's covers the teacher's and the generated samples' settings)."""
     base = {"arch": cfg["arch"], "N": n, "kernel": cfg["kernel"], "train": cfg["train"], "data": cfg["data"]}
     if role == "teacher":
-        return _hash(base)
+        return config_key(base)
     if role == "student":
-        return _hash({"role": role, "teacher": run_key("teacher", n, cfg), "generated": cfg["generated"], **base})
+        return config_key({"role": role, "teacher": run_key("teacher", n, cfg), "generated": cfg["generated"], **base})
     if role == "baseline":
-        return _hash({"role": role, **base})
+        return config_key({"role": role, **base})
     raise ValueError(f"unknown role {role!r}; expected teacher, student or baseline.")
 
 
@@ -214,7 +210,7 @@ def write_complement(cfg: dict[str, Any], n: int) -> tuple[Path, int]:
             f"the {d['source']} source has {len(src)} images, so after the teacher's N={n} only {len(rest)} remain "
             f"for a disjoint baseline subset of the same size; use N <= {len(src) // 2}."
         )
-    key = _hash({"data": d, "N": n})
+    key = config_key({"data": d, "N": n})
     path = Path(cfg["out"]) / "data" / f"complement_N{n}_{key}.npz"
     if not path.is_file():
         arrays = {"images": float_to_uint8(src.images[rest]), "source_index": rest.numpy().astype(np.int64)}
@@ -226,10 +222,6 @@ def write_complement(cfg: dict[str, Any], n: int) -> tuple[Path, int]:
             np.savez(fh, **arrays)
         tmp.replace(path)
     return path.resolve(), len(rest)
-
-
-def _module_kwargs(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-    return module_kwargs_from(cfg["kernel"], cfg["train"], seed=seed)
 
 
 def jobs(cfg: dict[str, Any], n: int, image_shape: tuple[int, ...], complement: Path) -> dict[str, TrainJob]:
@@ -260,17 +252,8 @@ def jobs(cfg: dict[str, Any], n: int, image_shape: tuple[int, ...], complement: 
     out = {}
     for role in ("teacher", "baseline", "student"):
         ckpt = teacher_ckpt if role == "teacher" else ckpts / f"{role}_N{n}_{run_key(role, n, cfg)}.ckpt"
-        out[role] = TrainJob(
-            f"{role} N={n}",
-            cfg["arch"],
-            image_shape,
-            _module_kwargs(cfg, seeds[role]),
-            data[role],
-            str(ckpt),
-            int(tr["max_steps"]),
-            dict(tr.get("trainer") or {}),
-            cfg.get("threads"),
-        )
+        module_kwargs = module_kwargs_from(cfg["kernel"], tr, seed=seeds[role])
+        out[role] = study_job(cfg, f"{role} N={n}", cfg["arch"], image_shape, module_kwargs, data[role], ckpt)
     return out
 
 
@@ -305,10 +288,7 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     from ..evaluate import load_samples
 
     _check(cfg)
-    set_threads(cfg.get("threads"))
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.get("device", "auto"))
+    out, device = prepare_output(cfg)
     d, g = cfg["data"], cfg["generated"]
     sizes = sorted(cfg["sizes"])
     ev_seeds = evaluation_seeds(cfg)

@@ -41,14 +41,15 @@ beside one W&B run per trained grid point in the same group (config: arch, kerne
 family, width).
 
 Scale.  CPU defaults (``configs/sweeps/phase_transition.yaml``): 8 x 8 digits, N = 16 ... 1024 (7 sizes),
-single-token DiT and U-ViT (one 8 x 8 patch: transformer MLPs, which learn the empirical optimal denoiser on
-this budget; see ``studies.memorization``) at widths 64 and 128, 1,500 steps of batch 256, 256 seeds: 28
-trainings, two at once with one thread each: 27 min 25 s wall measured (2026-11-27, the first half on a machine
-shared with other jobs).  What it showed (256 seeds, pixel descriptor at 0.97): at width 128 RP(DiT, U-ViT) 0.95 at N = 16 (GL 0, both reproduce the optimal denoiser), a dip to 0.86 at N = 128-256,
-0.92 at N = 1024 (GL 0.97); RP(width 64, width 128) of DiT 0.86 -> 0.37 -> 0.79; the width-64 models do not
-memorise on this budget (U-ViT-64 GL 1.0 already at N = 16).  Full scale (one GPU per agent): ``data.source: cifar10``, N =
-2^6 ... 2^15, DiT-S/2 and U-ViT-S/2 families (``patch_size: 2``) and the EDM U-Net, widths e.g. 64 / 128 /
-256, ``train.max_steps`` in the hundreds of thousands, ``sample.seeds: 10000``, ``metrics.descriptor: sscd``.
+single-token DiT and U-ViT (one 8 x 8 patch: transformer MLPs, which learn the empirical optimal denoiser on this
+budget; see ``studies.memorization``) at widths 64 and 128, 1,500 steps of batch 256, 256 seeds: 28 trainings, two
+at once with one thread each: 27 min 25 s wall measured (2026-11-27, the first half on a machine shared with other
+jobs).  What it showed (256 seeds, pixel descriptor at 0.97): at width 128 RP(DiT, U-ViT) 0.95 at N = 16 (GL 0,
+both reproduce the optimal denoiser), a dip to 0.86 at N = 128-256, 0.92 at N = 1024 (GL 0.97); RP(width 64, width
+128) of DiT 0.86 -> 0.37 -> 0.79; the width-64 models do not memorise on this budget (U-ViT-64 GL 1.0 already at
+N = 16).  Full scale (one GPU per agent): ``data.source: cifar10``, N = 2^6 ... 2^15, DiT-S/2 and U-ViT-S/2 families
+(``patch_size: 2``) and the EDM U-Net, widths e.g. 64 / 128 / 256, ``train.max_steps`` in the hundreds of
+thousands, ``sample.seeds: 10000``, ``metrics.descriptor: sscd``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from . import (
     set_threads,
     setup_study,
     source_image_shape,
+    study_job,
     study_main,
     write_csv,
 )
@@ -210,9 +212,8 @@ def point_job(cfg: dict[str, Any], point: GridPoint, image_shape: tuple[int, ...
     if tr.get("wandb", True) and cfg.get("wandb", True):
         wb = {"group": cfg["group"], "name": str(point),
               "config": {"family": point.family, "width": point.width, "study": "phase_transition"}}
-    return TrainJob(str(point), _arch_spec(cfg, point), tuple(image_shape), module_kwargs,
-                    _data_kwargs(cfg, point.size), str(ckpt), int(tr["max_steps"]), dict(tr.get("trainer") or {}),
-                    cfg.get("threads"), wandb=wb)
+    return study_job(cfg, str(point), _arch_spec(cfg, point), image_shape, module_kwargs, _data_kwargs(cfg, point.size),
+                     ckpt, wandb=wb)
 
 
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...] | None = None) -> list[TrainJob]:
