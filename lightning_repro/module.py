@@ -538,19 +538,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def _import(class_path: str):
-    import importlib
+def preset_class(class_path: str, path: str | os.PathLike = "") -> type[DiffusionModule]:
+    """The registered preset a checkpoint's ``class_path`` names; nothing outside ``ARCHS`` is imported or called.
 
-    mod, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(mod), name)
+    A checkpoint is data: its metadata may only *name* one of the suite's presets by its full class path
+    (``lightning_repro.module.EDM``); any other name is one sentence, never an import.
+    """
+    for cls in ARCHS.values():
+        if class_path == f"{cls.__module__}.{cls.__qualname__}":
+            return cls
+    valid = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in ARCHS.values())
+    raise ValueError(f"checkpoint {path} names class {class_path!r}, which is not a lightning_repro preset "
+                     f"({valid}); it is refused rather than imported.")
 
 
 def module_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> DiffusionModule:
     """Rebuild the DiffusionModule of a checkpoint (no training state) with its weights."""
     ckpt = load_checkpoint(path)
     meta = ckpt[CKPT_KEY]
-    cls = _import(meta["class_path"])
-    module = cls(**meta["hparams"])
+    cls = preset_class(str(meta.get("class_path")), path)
+    hparams = meta.get("hparams")
+    if not isinstance(hparams, dict) or not all(isinstance(k, str) for k in hparams):
+        raise ValueError(f"checkpoint {path} has no hyperparameter mapping in its '{CKPT_KEY}' metadata.")
+    try:
+        module = cls(**hparams)
+    except TypeError as err:
+        raise ValueError(f"checkpoint {path}: its hyperparameters do not fit {cls.__qualname__}: {err}.") from None
     module.load_state_dict(ckpt["state_dict"])
     module.checkpoint_meta = meta
     return module.to(map_location).eval()
