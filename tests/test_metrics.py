@@ -339,21 +339,88 @@ def test_sscd_unpinned_model_records_first_download_and_checks_it_later(tiny_mod
         Path(dst).write_bytes(file.read_bytes())
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    with pytest.warns(UserWarning, match="No published SHA-256"):
-        d = get_descriptor("sscd", device="cpu")  # the paper's model: sscd_disc_large
-    assert calls == ["https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large.torchscript.pt"]
     target = hub / "checkpoints" / "sscd_disc_large.torchscript.pt"
     sidecar = target.with_name(target.name + ".sha256")
+    # without trust_unpinned the unpinned file is refused (downloaded, never loaded, nothing recorded)
+    with pytest.raises(ValueError) as err:
+        get_descriptor("sscd", device="cpu")
+    assert str(err.value) == (
+        f"SSCD weights {target} (SHA-256 {digest}) cannot be verified because no published digest of "
+        "sscd_disc_large.torchscript.pt exists; pass sha256= of a copy you trust, or trust_unpinned=True to load "
+        "it unverified."
+    )
+    assert _one_sentence(str(err.value)) and not sidecar.exists()
+    with pytest.warns(UserWarning, match=r"No published SHA-256.*\(trust_unpinned=True\)"):
+        d = get_descriptor("sscd", device="cpu", trust_unpinned=True)  # the paper's model: sscd_disc_large
+    assert calls == ["https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large.torchscript.pt"]
     assert d.weights_path == target and sidecar.read_text().split()[0] == digest
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        SSCDDescriptor("sscd_disc_large", device="cpu")  # verified against the sidecar, silently
+        SSCDDescriptor("sscd_disc_large", device="cpu", trust_unpinned=True)  # checked against the sidecar, silently
+    with pytest.raises(ValueError, match=re.escape(f"(SHA-256 {digest}) cannot be verified")):
+        SSCDDescriptor("sscd_disc_large", device="cpu")  # a sidecar alone is no trust: it sits next to the file
     assert len(calls) == 1
     target.write_bytes(target.read_bytes() + b"tampered")
     with pytest.raises(ValueError) as err:
-        SSCDDescriptor("sscd_disc_large", device="cpu")
+        SSCDDescriptor("sscd_disc_large", device="cpu", trust_unpinned=True)
     msg = str(err.value)
-    assert str(sidecar) in msg and digest in msg and _one_sentence(msg)
+    assert str(sidecar) in msg and digest in msg and "first trusted" in msg and _one_sentence(msg)
+
+
+def test_sscd_unpinned_file_needs_its_sha256_or_trust(tiny_model, monkeypatch):
+    file, digest, net = tiny_model
+    monkeypatch.setattr(torch.hub, "download_url_to_file", pytest.fail)  # path= is used, nothing downloaded
+    loads = []
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    with pytest.raises(ValueError) as err:
+        SSCDDescriptor("sscd_disc_large", path=file, device="cpu")
+    msg = str(err.value)
+    assert msg.startswith(f"SSCD weights {file} (SHA-256 {digest}) cannot be verified") and _one_sentence(msg)
+    assert "pass sha256= of a copy you trust, or trust_unpinned=True" in msg and loads == []
+    img = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    expected = _reference_sscd(net, img.float() / 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a digest the caller vouches for is a verified load: no warning
+        pinned = SSCDDescriptor("sscd_disc_large", path=file, sha256=digest.upper(), device="cpu")
+    torch.testing.assert_close(pinned(img), expected, atol=1e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match="loaded unverified"):
+        trusted = get_descriptor("sscd_disc_large", path=file, trust_unpinned=True, device="cpu")
+    torch.testing.assert_close(trusted(img), expected, atol=1e-5, rtol=1e-5)
+    assert len(loads) == 2
+    wrong = "ab" * 32
+    with pytest.raises(ValueError) as err:
+        SSCDDescriptor("sscd_disc_large", path=file, sha256=wrong, device="cpu", trust_unpinned=True)
+    assert str(err.value) == (
+        f"SSCD weights {file} have SHA-256 {digest} but {wrong} was expected (the sha256= you passed); delete the "
+        f"file and download it again from {D.SSCD_MODELS['sscd_disc_large'].url}, or pass sha256= of a file you trust."
+    )
+    with pytest.raises(ValueError, match=r"^sha256 must be 64 hexadecimal digits \(a SHA-256 digest\), got 'abc'\.$"):
+        SSCDDescriptor("sscd_disc_large", path=file, sha256="abc", device="cpu")
+    assert len(loads) == 2
+
+
+def test_check_descriptor_weights_verifies_without_loading(tiny_model, monkeypatch):
+    file, digest, _ = tiny_model
+    monkeypatch.setattr(torch.jit, "load", pytest.fail)  # resolving and hashing only
+    assert D.check_descriptor_weights("pixel") is None
+    assert D.check_descriptor_weights("pixel", trust_unpinned=True) is None
+    assert D.check_descriptor_weights("sscd", path=file, sha256=digest) == file
+    with pytest.warns(UserWarning, match="No published SHA-256"):
+        assert D.check_descriptor_weights("SSCD_DISC_LARGE", path=file, trust_unpinned=True) == file
+    assert file.with_name(file.name + ".sha256").read_text().split()[0] == digest
+    with pytest.raises(ValueError, match=re.escape(f"(SHA-256 {digest}) cannot be verified")):
+        D.check_descriptor_weights("sscd", path=file)
+    with pytest.raises(ValueError, match=re.escape(f"{digest} but {D.SSCD_MODELS['sscd_disc_mixup'].sha256}")):
+        D.check_descriptor_weights("sscd_disc_mixup", path=file, trust_unpinned=True)  # trust never beats a pin
+    with pytest.raises(ValueError) as err:
+        D.check_descriptor_weights("pixel", path=file)
+    assert str(err.value) == "The pixel descriptor has no weights file, so path= is only for the SSCD descriptors."
+    with pytest.raises(ValueError, match=r"so sha256= is only for the SSCD descriptors\.$"):
+        get_descriptor("pixel", sha256=digest)
+    assert isinstance(get_descriptor("pixel", trust_unpinned=True), PixelDescriptor)
+    with pytest.raises(ValueError, match=r"^Unknown descriptor 'clip'; expected one of \['pixel', 'sscd', "):
+        D.check_descriptor_weights("clip")
 
 
 def test_sscd_missing_file_without_network_says_where_to_put_it(tmp_path, monkeypatch):

@@ -35,20 +35,26 @@ use.  The file's SHA-256 is checked before ``torch.jit.load`` touches it, agains
 2. the pinned value of the model: ``sscd_disc_mixup`` is pinned to
    ``9f26bd4c848cc19b73d2ae92eea6e04886f61a7b764ceb7a13aeee62e6a6db56`` (98,791,638 bytes), the digest
    that several independent public projects record for the official file (we could not download it
-   here to check it ourselves).  No published digest of ``sscd_disc_large.torchscript.pt`` could be
-   found, so its pin is ``None``;
-3. for an unpinned model: the digest recorded in the sidecar ``<file>.sha256`` the first time the
-   file was used (trust on first use: the first load computes the digest, writes the sidecar and warns
-   that the file was not checked against a published value; every later load must match it).
+   here to check it ourselves).  facebookresearch/sscd-copy-detection publishes no digests (its README
+   and docs list URLs only), and no record of ``sscd_disc_large.torchscript.pt``'s was found, so its pin
+   is ``None``;
+3. for an unpinned model, nothing: the file is refused unless the caller passes ``trust_unpinned=True``
+   (the refusal names the file's digest, to pin with ``sha256=`` once checked).  A trusted file's digest
+   is recorded in the sidecar ``<file>.sha256`` the first time (with a warning that it was not checked
+   against a published value); every later trusted load must match it.  ``trust_unpinned`` never
+   overrides a digest of step 1 or 2.
 
 A mismatch raises ``ValueError`` naming both digests, the file and what to do; a missing file that
 cannot be downloaded raises ``FileNotFoundError`` naming the URL and the path to put it at.
+``check_descriptor_weights`` runs these checks without loading the model, so a command can fail on
+its weights before it samples anything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +76,7 @@ __all__ = [
     "images_to_unit",
     "sha256_file",
     "resolve_sscd_weights",
+    "check_descriptor_weights",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -298,15 +305,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def resolve_sscd_weights(name: str, path: str | os.PathLike | None = None, sha256: str | None = None) -> Path:
-    """Find (or download) and verify the TorchScript file of SSCD model ``name``; return its path.
+def _check_sha256(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    digest = str(sha256).strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"sha256 must be 64 hexadecimal digits (a SHA-256 digest), got {sha256!r}.")
+    return digest
 
-    See the module docstring for the order of look-ups and checks.  Raises ``FileNotFoundError`` if
-    the file is missing and cannot be downloaded, ``ValueError`` if its SHA-256 does not match.
-    """
-    if name not in SSCD_MODELS:
-        raise ValueError(f"Unknown SSCD model {name!r}; expected one of {sorted(SSCD_MODELS)}.")
-    spec = SSCD_MODELS[name]
+
+def _locate_sscd_file(spec: SSCDModel, path: str | os.PathLike | None) -> Path:
+    """``path`` (which must exist), else the torch hub cache's copy, downloaded there if missing."""
     if path is not None:
         file = Path(path).expanduser()
         if not file.is_file():
@@ -314,22 +323,66 @@ def resolve_sscd_weights(name: str, path: str | os.PathLike | None = None, sha25
                 f"SSCD weights file {file} does not exist; download {spec.url} to it, or pass path= of an "
                 "existing TorchScript file."
             )
-    else:
-        file = Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
-        if not file.is_file():
-            try:
-                file.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(spec.url, str(file), progress=True)
-            except Exception as err:  # no network, proxy, disk full, ...
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise FileNotFoundError(
-                    f"SSCD weights {spec.filename} are not in the torch hub cache and could not be downloaded "
-                    f"({reason}); download {spec.url} to {file}, or pass path= of a local copy."
-                ) from err
+        return file
+    file = Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
+    if not file.is_file():
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(spec.url, str(file), progress=True)
+        except Exception as err:  # no network, proxy, disk full, ...
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise FileNotFoundError(
+                f"SSCD weights {spec.filename} are not in the torch hub cache and could not be downloaded "
+                f"({reason}); download {spec.url} to {file}, or pass path= of a local copy."
+            ) from err
+    return file
 
+
+def _trusted_unpinned(file: Path, spec: SSCDModel, got: str) -> None:
+    """``trust_unpinned=True``: the sidecar ``<file>.sha256`` records the digest first trusted; later ones must match."""
+    sidecar = file.with_name(file.name + ".sha256")
+    if sidecar.is_file():
+        recorded = (sidecar.read_text().split() or [""])[0].lower()
+        if got != recorded:
+            raise ValueError(
+                f"SSCD weights {file} have SHA-256 {got} but {recorded} was recorded in {sidecar} when the file "
+                f"was first trusted; delete both files to download {spec.url} again, or pass sha256= of a file "
+                "you trust."
+            )
+        return
+    try:
+        sidecar.write_text(f"{got}  {file.name}\n")
+        where = f"recorded in {sidecar}"
+    except OSError:
+        where = f"could not be recorded next to it ({sidecar} is not writable)"
+    warnings.warn(
+        f"No published SHA-256 exists for {spec.filename}: {file} was loaded unverified (trust_unpinned=True) and "
+        f"its digest {got} {where}; later trusted loads are checked against it (pass sha256= to pin a value you "
+        "trust).",
+        stacklevel=4,
+    )
+
+
+def resolve_sscd_weights(
+    name: str,
+    path: str | os.PathLike | None = None,
+    sha256: str | None = None,
+    trust_unpinned: bool = False,
+) -> Path:
+    """Find (or download) and verify the TorchScript file of SSCD model ``name``; return its path.
+
+    The file is never loaded here.  See the module docstring for the order of look-ups and checks: a
+    digest (``sha256=`` or the model's pin) must match; a model without either is refused unless
+    ``trust_unpinned=True``.  Raises ``FileNotFoundError`` if the file is missing and cannot be
+    downloaded, ``ValueError`` (one sentence) if it cannot be verified.
+    """
+    if name not in SSCD_MODELS:
+        raise ValueError(f"Unknown SSCD model {name!r}; expected one of {sorted(SSCD_MODELS)}.")
+    spec = SSCD_MODELS[name]
+    expected = _check_sha256(sha256) or spec.sha256
+    file = _locate_sscd_file(spec, path)
     got = sha256_file(file)
-    expected = (sha256 or spec.sha256 or "").strip().lower()
-    if expected:
+    if expected is not None:
         if got != expected:
             source = "the sha256= you passed" if sha256 else f"the published digest of {spec.filename}"
             raise ValueError(
@@ -337,28 +390,33 @@ def resolve_sscd_weights(name: str, path: str | os.PathLike | None = None, sha25
                 f"file and download it again from {spec.url}, or pass sha256= of a file you trust."
             )
         return file
-
-    sidecar = file.with_name(file.name + ".sha256")
-    if sidecar.is_file():
-        recorded = (sidecar.read_text().split() or [""])[0].lower()
-        if got != recorded:
-            raise ValueError(
-                f"SSCD weights {file} have SHA-256 {got} but {recorded} was recorded in {sidecar} when the file "
-                f"was first used; delete both files to download {spec.url} again, or pass sha256= of a file "
-                "you trust."
-            )
-        return file
-    try:
-        sidecar.write_text(f"{got}  {file.name}\n")
-        where = f"recorded in {sidecar}"
-    except OSError:
-        where = f"could not be recorded next to it ({sidecar} is not writable)"
-    warnings.warn(
-        f"No published SHA-256 exists for {spec.filename}: {file} was loaded unverified and its digest {got} "
-        f"{where}; later loads are checked against it (pass sha256= to pin a value you trust).",
-        stacklevel=3,
-    )
+    if not trust_unpinned:
+        raise ValueError(
+            f"SSCD weights {file} (SHA-256 {got}) cannot be verified because no published digest of "
+            f"{spec.filename} exists; pass sha256= of a copy you trust, or trust_unpinned=True to load it "
+            "unverified."
+        )
+    _trusted_unpinned(file, spec, got)
     return file
+
+
+def check_descriptor_weights(
+    name: str,
+    path: str | os.PathLike | None = None,
+    sha256: str | None = None,
+    trust_unpinned: bool = False,
+) -> Path | None:
+    """Resolve and verify the weights descriptor ``name`` will load, without loading them; ``None`` for ``pixel``.
+
+    Cheap enough to call before any sampling (it reads the file once to hash it, downloading it first
+    if it is missing from the hub cache), so a missing or unverifiable file fails before hours of work;
+    the same arguments then go to ``get_descriptor``.  Raises what ``get_descriptor`` would.
+    """
+    key = _descriptor_key(name)
+    if key == "pixel":
+        _no_weights_for_pixel(path, sha256)
+        return None
+    return resolve_sscd_weights(key, path=path, sha256=sha256, trust_unpinned=trust_unpinned)
 
 
 class SSCDDescriptor(Descriptor):
@@ -369,6 +427,8 @@ class SSCDDescriptor(Descriptor):
         path: a local TorchScript file; default: the torch hub cache, downloading on first use.
         sha256: expected SHA-256 of the file (overrides the pinned value; required for any file that
             is not the official one, e.g. a fine-tuned or test model).
+        trust_unpinned: load a model that has no pinned digest (``sscd_disc_large``) without ``sha256=``;
+            the digest is recorded on first use and checked on later trusted loads (see the module docstring).
         device: where the model runs; default CUDA if available, else CPU.  ``.to()`` moves it too.
         batch_size: images per forward pass.
         size: the square side the images are resized to (bilinear, antialiased); 320 as in the paper.
@@ -389,11 +449,12 @@ class SSCDDescriptor(Descriptor):
         device: str | torch.device | None = None,
         batch_size: int = 64,
         size: int = 320,
+        trust_unpinned: bool = False,
     ):
         super().__init__(batch_size=batch_size)
         self.name = name
         self.size = int(size)
-        self.weights_path = resolve_sscd_weights(name, path=path, sha256=sha256)
+        self.weights_path = resolve_sscd_weights(name, path=path, sha256=sha256, trust_unpinned=trust_unpinned)
         try:
             with (
                 warnings.catch_warnings()
@@ -441,14 +502,37 @@ class SSCDDescriptor(Descriptor):
 DESCRIPTORS = ("pixel", "sscd", *SSCD_MODELS)
 
 
-def get_descriptor(name: str, **kwargs) -> Descriptor:
-    """``"pixel"`` -> ``PixelDescriptor(**kwargs)``; ``"sscd"`` (= ``"sscd_disc_large"``, the paper's) or
-    ``"sscd_disc_mixup"`` -> ``SSCDDescriptor(name, **kwargs)``."""
+def _descriptor_key(name: str) -> str:
+    """``"pixel"`` or an ``SSCD_MODELS`` name (``"sscd"`` is ``"sscd_disc_large"``, the paper's)."""
     key = str(name).lower()
-    if key == "pixel":
-        return PixelDescriptor(**kwargs)
-    if key == "sscd":
-        key = "sscd_disc_large"
-    if key in SSCD_MODELS:
-        return SSCDDescriptor(key, **kwargs)
+    key = "sscd_disc_large" if key == "sscd" else key
+    if key == "pixel" or key in SSCD_MODELS:
+        return key
     raise ValueError(f"Unknown descriptor {name!r}; expected one of {list(DESCRIPTORS)}.")
+
+
+def _no_weights_for_pixel(path, sha256) -> None:
+    if path is not None or sha256 is not None:
+        given = "path=" if path is not None else "sha256="
+        raise ValueError(f"The pixel descriptor has no weights file, so {given} is only for the SSCD descriptors.")
+
+
+def get_descriptor(
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    sha256: str | None = None,
+    trust_unpinned: bool = False,
+    **kwargs,
+) -> Descriptor:
+    """``"pixel"`` -> ``PixelDescriptor(**kwargs)``; ``"sscd"`` (= ``"sscd_disc_large"``, the paper's) or
+    ``"sscd_disc_mixup"`` -> ``SSCDDescriptor(name, path=, sha256=, trust_unpinned=, **kwargs)``.
+
+    ``trust_unpinned`` means nothing to the pixel descriptor (it has no weights); ``path`` / ``sha256``
+    with ``"pixel"`` are refused.
+    """
+    key = _descriptor_key(name)
+    if key == "pixel":
+        _no_weights_for_pixel(path, sha256)
+        return PixelDescriptor(**kwargs)
+    return SSCDDescriptor(key, path=path, sha256=sha256, trust_unpinned=trust_unpinned, **kwargs)
