@@ -127,6 +127,8 @@ def test_cifar_metadata_needs_no_files_and_prepare_data_downloads(tmp_path, monk
     dm = SubsetDataModule("cifar100", size=64, conditional=True, source_kwargs=kwargs)
     assert (dm.image_shape, dm.num_classes, dm.describe()["size"]) == ((3, 32, 32), 100, 64)
     assert SubsetDataModule("cifar10", source_kwargs={**kwargs, "resolution": 16}).image_shape == (3, 16, 16)
+    whole = SubsetDataModule("cifar10", classes=[1, 2], source_kwargs={**kwargs, "train": False})
+    assert whole.describe()["size"] == 2000  # the published test split: 1,000 images per class
     assert calls == [] and not (tmp_path / "cache").exists()  # nothing read, nothing downloaded
     dm.prepare_data()
     assert calls == ["cifar100"]
@@ -144,13 +146,15 @@ def test_metadata_of_each_source_matches_what_it_loads(tmp_path):
     for c in ("a", "b"):
         (tmp_path / "img" / c).mkdir(parents=True)
         Image.fromarray(np.full((5, 7, 3), 9, np.uint8)).save(tmp_path / "img" / c / "0.png")
+    digits = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
     cases = [
-        ("digits", {}, SourceInfo((1, 8, 8), 10, True, 1797)),
-        ("digits", {"resolution": 12}, SourceInfo((1, 12, 12), 10, True, 1797)),
-        ("npz", {"path": str(tmp_path / "rgb.npz")}, SourceInfo((3, 6, 6), 4, True, 5)),
+        ("digits", {}, SourceInfo((1, 8, 8), 10, True, 1797, digits)),
+        ("digits", {"resolution": 12}, SourceInfo((1, 12, 12), 10, True, 1797, digits)),
+        ("npz", {"path": str(tmp_path / "rgb.npz")}, SourceInfo((3, 6, 6), 4, True, 5, (1, 2, 1, 1))),
         ("npz", {"path": str(tmp_path / "gray.npz"), "resolution": 4}, SourceInfo((1, 4, 4), 0, False, 4)),
-        ("folder", {"root": str(tmp_path / "img")}, SourceInfo((3, 5, 7), 2, True, 2)),
-        ("folder", {"root": str(tmp_path / "img"), "grayscale": True, "resolution": 4}, SourceInfo((1, 4, 4), 2, True, 2)),
+        ("folder", {"root": str(tmp_path / "img")}, SourceInfo((3, 5, 7), 2, True, 2, (1, 1))),
+        ("folder", {"root": str(tmp_path / "img"), "grayscale": True, "resolution": 4},
+         SourceInfo((1, 4, 4), 2, True, 2, (1, 1))),
         ("mog", {"num_samples": 6, "shape": [2, 4, 4], "num_components": 3}, SourceInfo((2, 4, 4), 3, True, 6)),
     ]
     for name, kwargs, expect in cases:
@@ -158,7 +162,13 @@ def test_metadata_of_each_source_matches_what_it_loads(tmp_path):
         assert info == expect, (name, kwargs)
         assert (src.image_shape, src.num_classes, src.labels is not None, len(src)) == \
             (info.image_shape, info.num_classes, info.labelled, info.num_images), (name, kwargs)
-    assert source_info("digits", classes=[2, 7]) == SourceInfo((1, 8, 8), 2, True, None)
+        if info.class_counts is not None:
+            assert tuple(torch.bincount(src.labels, minlength=src.num_classes).tolist()) == info.class_counts
+    assert source_info("digits", classes=[2, 7]) == SourceInfo((1, 8, 8), 2, True, 177 + 179, (177, 179))
+    assert len(get_source("digits", classes=[2, 7])) == 177 + 179
+    mog = {"num_samples": 40, "num_components": 3}  # component counts are known only once sampled
+    assert SubsetDataModule("mog", classes=[1], source_kwargs=mog).describe()["size"] == \
+        len(get_source("mog", classes=[1], **mog))
     with pytest.raises(ValueError, match=r"^classes \[3, 3\] repeat a class; give each class of 'digits' once\.$"):
         source_info("digits", classes=[3, 3])
     with pytest.raises(ValueError, match=r"^source 'npz' has no labels, so classes=\[0\] cannot select any\.$"):

@@ -290,10 +290,9 @@ class SubsetDataModule(L.LightningDataModule):
         return DataLoader(SeedDataset(seeds, labels), batch_size=max(1, min(self.val_seeds, 256)))
 
     def describe(self) -> dict[str, Any]:
-        """The subset in a few keys; ``size`` from metadata until the images are read (None: not known yet)."""
-        if self._source is not None:
-            size = len(self._indices)  # type: ignore[arg-type]
-        else:
-            size = self.size if self.size is not None else self.info.num_images
+        """The subset in a few keys (from metadata where it tells the size: no image is read before fit)."""
+        size = self.size if self.size is not None else self.info.num_images
+        if size is None or self._source is not None:
+            size = len(self.indices)
         return {"source": self.source_name, "size": size, "subset_seed": self.subset_seed,
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes}

@@ -78,6 +78,7 @@ class SourceInfo:
     num_classes: int = 0  # classes of its labels (0: none)
     labelled: bool = False  # whether it carries labels
     num_images: int | None = None  # its number of images, None where only loading tells
+    class_counts: tuple[int, ...] | None = None  # images of each class, None where only loading tells
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,11 @@ def _digits(resolution: int | None = None, **_) -> ImageSource:
 
 
 def _digits_info(resolution: int | None = None, **_) -> SourceInfo:
+    from sklearn.datasets import load_digits
+
     r = _resolution("digits", resolution) or 8
-    return SourceInfo((1, r, r), 10, True, 1797)
+    counts = np.bincount(load_digits().target, minlength=10)  # bundled with scikit-learn: nothing to download
+    return SourceInfo((1, r, r), 10, True, int(counts.sum()), tuple(int(c) for c in counts))
 
 
 def _cifar_download(name: str, root: str | os.PathLike = "data_cache", download: bool = False, train: bool = True,
@@ -158,8 +162,11 @@ def _cifar(name: str, root: str | os.PathLike = "data_cache", download: bool = F
 def _cifar_info(name: str, train: bool = True, resolution: int | None = None, verify_md5: bool = True,
                 **_) -> SourceInfo:
     r = _resolution(name, resolution) or 32
-    count = (50_000 if train else 10_000) if verify_md5 else None  # batches of one's own hold any number
-    return SourceInfo((3, r, r), 10 if name == "cifar10" else 100, True, count)
+    n_cls = 10 if name == "cifar10" else 100
+    if not verify_md5:  # batches of one's own hold any number of images
+        return SourceInfo((3, r, r), n_cls, True)
+    per_class = (50_000 if train else 10_000) // n_cls  # the published splits are balanced
+    return SourceInfo((3, r, r), n_cls, True, per_class * n_cls, (per_class,) * n_cls)
 
 
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -207,7 +214,8 @@ def _folder_info(root: str | os.PathLike, resolution: int | None = None, graysca
     with Image.open(first) as im:  # reads the header only
         w, h = im.size
     r = _resolution("folder", resolution)
-    return SourceInfo((1 if grayscale else 3, r or h, r or w), len(files), True, sum(len(fs) for fs in files))
+    counts = tuple(len(fs) for fs in files)
+    return SourceInfo((1 if grayscale else 3, r or h, r or w), len(files), True, sum(counts), counts)
 
 
 def _npz_file(path: str | os.PathLike) -> Path:
@@ -274,7 +282,9 @@ def _npz_info(path: str | os.PathLike, resolution: int | None = None, num_classe
     n, h, w = shape[:3]
     r = _resolution("npz", resolution)
     c = shape[3] if len(shape) == 4 else 1
-    return SourceInfo((c, r or h, r or w), _npz_classes(path, labels, num_classes), labels is not None, n)
+    n_cls = _npz_classes(path, labels, num_classes)
+    counts = None if labels is None else tuple(int(v) for v in np.bincount(labels, minlength=n_cls))
+    return SourceInfo((c, r or h, r or w), n_cls, labels is not None, n, counts)
 
 
 def _mog_shape(shape) -> tuple[int, int, int]:
@@ -444,7 +454,9 @@ def _generated_info(checkpoint: str | os.PathLike | None = None, seeds: str | in
     if not isinstance(shape, (list, tuple)) or len(shape) != 3:
         raise ValueError(f"generated source: teacher checkpoint {ckpt} records no image_shape (C, H, W).")
     num_classes = int(meta.get("num_classes") or 0)
-    return SourceInfo(tuple(int(v) for v in shape), num_classes, num_classes > 0, len(seed_list))
+    counts = tuple(int(v) for v in np.bincount(np.asarray(seed_list) % num_classes, minlength=num_classes)) \
+        if num_classes else None  # the label of seed s is s % num_classes
+    return SourceInfo(tuple(int(v) for v in shape), num_classes, num_classes > 0, len(seed_list), counts)
 
 
 SOURCES: dict[str, SourceKind] = {
@@ -502,7 +514,8 @@ def source_info(name: str, classes: list[int] | None = None, **kwargs) -> Source
     if classes is None:
         return info
     _check_classes(name, classes, info.labelled, info.num_classes)
-    return SourceInfo(info.image_shape, len(classes), True, None)
+    counts = None if info.class_counts is None else tuple(info.class_counts[c] for c in classes)
+    return SourceInfo(info.image_shape, len(classes), True, None if counts is None else sum(counts), counts)
 
 
 def prepare_source(name: str, **kwargs) -> None:
