@@ -76,7 +76,7 @@ def _is_int(value: Any, minimum: int | None = None) -> bool:
     return not isinstance(value, bool) and (minimum is None or number >= minimum)
 
 
-def check_arguments(size: Any, batch_size: Any, val_seeds: Any, subset_seed: Any, data_seed: Any,
+def _check_arguments(size: Any, batch_size: Any, val_seeds: Any, subset_seed: Any, data_seed: Any,
                     classes: Any) -> None:
     """One sentence naming the first obviously invalid argument of ``SubsetDataModule``."""
     if size is not None and not _is_int(size, 1):
@@ -165,7 +165,7 @@ class SubsetDataModule(L.LightningDataModule):
         flip: random horizontal flips (off by default: the paper trains without augmentation).
         class_balanced: round-robin class order so every N is balanced.
         conditional: train a class-conditional model (the model's ``num_classes`` is linked to this).
-        source_kwargs: options of the source (``root``, ``download``, ``resolution``, ``path``, ...).
+        source_kwargs: options of the source (``root``, ``download``, ``resolution``, ``path``, ``verify_md5``, ...).
         classes: keep only these labels of the source (relabelled 0..len-1).
         val_seeds: number of fixed seeds sampled at each validation (seeds 0..val_seeds-1).
         data_seed: seed of the batch order and flips (default: ``subset_seed``).
@@ -189,7 +189,7 @@ class SubsetDataModule(L.LightningDataModule):
         on_device: bool | None = None,
     ):
         super().__init__()
-        check_arguments(size, batch_size, val_seeds, subset_seed, data_seed, classes)
+        _check_arguments(size, batch_size, val_seeds, subset_seed, data_seed, classes)
         self.save_hyperparameters()
         self.source_name, self.size, self.subset_seed = source, size, subset_seed
         self.batch_size, self.flip, self.class_balanced = batch_size, flip, class_balanced
