@@ -19,6 +19,7 @@ from lightning_repro.data.sources import (
     SOURCES,
     ImageSource,
     SourceInfo,
+    SourceKind,
     register_source,
     source_info,
     uint8_to_float,
@@ -265,3 +266,16 @@ def test_cli_batch_size_zero_is_one_sentence(tmp_path):
         main(["fit", "--config", str(ROOT / "configs" / "experiments" / "digits_edm.yaml"), "--data.batch_size", "0",
               "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
     assert exc.value.code == "error: data.batch_size must be a positive integer (the per-device batch), got 0."
+
+
+def test_a_source_whose_metadata_lies_is_one_sentence(counting_source):
+    SOURCES["liar"] = SourceKind(SOURCES["counting"].load, lambda **_: SourceInfo((1, 8, 8), 0, False, 8))
+    try:
+        dm = SubsetDataModule("liar", source_kwargs={"root": str(counting_source)})
+        dm.prepare_data()  # no downloader: nothing happens
+        SOURCES["counting"].download(root=counting_source)
+        with pytest.raises(ValueError, match=r"^data source liar: its metadata promised 8 images of shape \(1, 8, 8\) "
+                                             r"in 0 classes, but it holds 8 of shape \(1, 4, 4\) in 0\.$"):
+            _ = dm.images
+    finally:
+        del SOURCES["liar"]
