@@ -388,3 +388,51 @@ def test_bf16_shards_record_their_precision_and_old_shards_count_as_fp32(runs, t
     np.savez(path, **arrays)
     again = ev.generate_samples(ref, range(6), tmp_path / "fp32", **kw)
     assert (again.skipped, again.generated) == (1, 0) and np.array_equal(again.images, s32.images)
+
+
+# -- one download per node -----------------------------------------------------------------------------------
+
+COUNTING_SCRIPT = '''"""train.py with a stand-in "counting" source: download appends this rank to downloads.txt, load to loads.txt."""
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lightning_repro.cli import main
+from lightning_repro.data.sources import ImageSource, SourceInfo, register_source, uint8_to_float
+
+
+def _note(root, name):
+    with open(Path(root) / name, "a") as fh:
+        fh.write(os.environ.get("LOCAL_RANK", "0") + "\\n")
+
+
+def download(root, **_):
+    _note(root, "downloads.txt")
+    np.save(Path(root) / "images.npy", np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8))
+
+
+def load(root, **_):  # no download here: a load before prepare_data fails
+    _note(root, "loads.txt")
+    return ImageSource("counting", uint8_to_float(np.load(Path(root) / "images.npy")))
+
+
+register_source("counting", load, lambda root, **_: SourceInfo((1, 8, 8), 0, False, 16), download)
+main()
+'''
+
+
+def test_ddp_downloads_the_source_once_and_builds_the_model_from_metadata(tmp_path):
+    """Two gloo ranks: the shape link reads no file, ``prepare_data`` downloads once, then each rank loads."""
+    script, data = tmp_path / "train_counting.py", tmp_path / "data"
+    script.write_text(COUNTING_SCRIPT)
+    data.mkdir()
+    args = ["fit", "--config", "configs/experiments/digits_edm.yaml", "--model.init_args.model_channels", "8",
+            "--model.init_args.channel_mult", "[1,2]", "--model.init_args.attn_resolutions", "[]",
+            "--data.source", "counting", "--data.source_kwargs.root", str(data), "--data.batch_size", "4",
+            "--trainer.max_steps", "1", "--final_samples.enabled", "false", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp_path / "run")]
+    _finish(_start([sys.executable, str(script), *args], tmp_path), "training on the counting source (2 ranks)")
+    assert (data / "downloads.txt").read_text() == "0\n"
+    assert sorted((data / "loads.txt").read_text().split()) == ["0", "1"]

@@ -18,10 +18,15 @@ ranks with batch ``B / W``).
 Small subsets stay on the training device (``on_device``): the images are moved there once and each batch
 is gathered there, so no host-to-device copy happens per step (auto: on a GPU, when the subset takes at
 most ``ON_DEVICE_MAX_BYTES``; CIFAR-10's 50,000 float32 images take 614 MB).
+
+Under DDP nothing is read at start-up: ``image_shape`` and ``num_classes`` (linked into the model by the CLI)
+come from the source's metadata (``sources.source_info``), files are downloaded in ``prepare_data`` (once per
+node), and the images are read when the first loader is built.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import lightning as L
@@ -29,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .sources import ImageSource, get_source
+from .sources import ImageSource, SourceInfo, get_source, prepare_source, source_info
 
 __all__ = ["SubsetDataModule", "subset_indices", "InfiniteBatchStream", "SeedDataset", "ON_DEVICE_MAX_BYTES"]
 
@@ -60,6 +65,32 @@ def subset_indices(source: ImageSource, size: int | None, subset_seed: int = 0, 
         order = torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)
         perm = perm[order]
     return perm[:size]
+
+
+def _is_int(value: Any, minimum: int | None = None) -> bool:
+    """Whether ``value`` is an integer (not a bool) of at least ``minimum``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool) and (minimum is None or number >= minimum)
+
+
+def _check_arguments(size: Any, batch_size: Any, val_seeds: Any, subset_seed: Any, data_seed: Any,
+                    classes: Any) -> None:
+    """One sentence naming the first obviously invalid argument of ``SubsetDataModule``."""
+    if size is not None and not _is_int(size, 1):
+        raise ValueError(f"data.size must be a positive integer, got {size!r}.")
+    if not _is_int(batch_size, 1):
+        raise ValueError(f"data.batch_size must be a positive integer (the per-device batch), got {batch_size!r}.")
+    if not _is_int(val_seeds, 0):
+        raise ValueError(f"data.val_seeds must be a non-negative integer (seeds sampled at validation), "
+                         f"got {val_seeds!r}.")
+    for name, seed in (("subset_seed", subset_seed), ("data_seed", data_seed)):
+        if seed is not None and not _is_int(seed):
+            raise ValueError(f"data.{name} must be an integer, got {seed!r}.")
+    if classes is not None and (not isinstance(classes, (list, tuple)) or not classes):
+        raise ValueError(f"data.classes must be a non-empty list of class labels (or null for all), got {classes!r}.")
 
 
 class InfiniteBatchStream(IterableDataset):
@@ -134,7 +165,7 @@ class SubsetDataModule(L.LightningDataModule):
         flip: random horizontal flips (off by default: the paper trains without augmentation).
         class_balanced: round-robin class order so every N is balanced.
         conditional: train a class-conditional model (the model's ``num_classes`` is linked to this).
-        source_kwargs: options of the source (``root``, ``download``, ``resolution``, ``path``, ...).
+        source_kwargs: options of the source (``root``, ``download``, ``resolution``, ``path``, ``verify_md5``, ...).
         classes: keep only these labels of the source (relabelled 0..len-1).
         val_seeds: number of fixed seeds sampled at each validation (seeds 0..val_seeds-1).
         data_seed: seed of the batch order and flips (default: ``subset_seed``).
@@ -158,6 +189,7 @@ class SubsetDataModule(L.LightningDataModule):
         on_device: bool | None = None,
     ):
         super().__init__()
+        _check_arguments(size, batch_size, val_seeds, subset_seed, data_seed, classes)
         self.save_hyperparameters()
         self.source_name, self.size, self.subset_seed = source, size, subset_seed
         self.batch_size, self.flip, self.class_balanced = batch_size, flip, class_balanced
@@ -165,17 +197,40 @@ class SubsetDataModule(L.LightningDataModule):
         self.val_seeds = val_seeds
         self.data_seed = subset_seed if data_seed is None else data_seed
         self.on_device = on_device
+        self._info: SourceInfo | None = None
         self._source: ImageSource | None = None
         self._indices: Tensor | None = None
 
     # -- the subset ---------------------------------------------------------------------------
     @property
+    def info(self) -> SourceInfo:
+        """The source's image shape, classes and size from its metadata: no image is read or downloaded."""
+        if self._info is None:
+            info = source_info(self.source_name, classes=self.classes, **self.source_kwargs)
+            if self.conditional and not info.labelled:
+                raise ValueError(f"data.conditional is true but the {self.source_name} source has no labels.")
+            if self.size is not None and info.num_images is not None and self.size > info.num_images:
+                raise ValueError(f"data.size={self.size} is larger than the {self.source_name} source, which has "
+                                 f"{info.num_images} images.")
+            self._info = info
+        return self._info
+
+    def prepare_data(self) -> None:
+        """Download the source's files if its kwargs ask for it (Lightning calls this once per node)."""
+        prepare_source(self.source_name, **self.source_kwargs)
+
+    @property
     def source(self) -> ImageSource:
         if self._source is None:
-            self._source = get_source(self.source_name, classes=self.classes, **self.source_kwargs)
-            if self.conditional and self._source.labels is None:
-                raise ValueError(f"data.conditional is true but the {self.source_name} source has no labels.")
-            self._indices = subset_indices(self._source, self.size, self.subset_seed, self.class_balanced)
+            info = self.info
+            src = get_source(self.source_name, classes=self.classes, **self.source_kwargs)
+            if (src.image_shape, src.num_classes) != (info.image_shape, info.num_classes) \
+                    or info.num_images not in (None, len(src)):
+                raise ValueError(f"data source {self.source_name}: its metadata promised {info.num_images} images "
+                                 f"of shape {info.image_shape} in {info.num_classes} classes, but it holds "
+                                 f"{len(src)} of shape {src.image_shape} in {src.num_classes}.")
+            self._indices = subset_indices(src, self.size, self.subset_seed, self.class_balanced)
+            self._source = src
         return self._source
 
     @property
@@ -194,12 +249,13 @@ class SubsetDataModule(L.LightningDataModule):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self.source.image_shape
+        """C, H, W of the images, from the source's metadata (the CLI links it into the model on every rank)."""
+        return tuple(int(v) for v in self.info.image_shape)  # type: ignore[return-value]
 
     @property
     def num_classes(self) -> int:
-        """Classes the *model* is conditioned on: the source's when ``conditional``, else 0."""
-        return self.source.num_classes if self.conditional else 0
+        """Classes the *model* is conditioned on: the source's when ``conditional``, else 0 (from metadata)."""
+        return self.info.num_classes if self.conditional else 0
 
     # -- loaders ------------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int, int]:
@@ -230,9 +286,13 @@ class SubsetDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         seeds = list(range(self.val_seeds))
-        labels = [s % self.source.num_classes for s in seeds] if self.num_classes else None
+        labels = [s % self.num_classes for s in seeds] if self.num_classes else None
         return DataLoader(SeedDataset(seeds, labels), batch_size=max(1, min(self.val_seeds, 256)))
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source_name, "size": len(self.indices), "subset_seed": self.subset_seed,
+        """The subset in a few keys (from metadata where it tells the size: no image is read before fit)."""
+        size = self.size if self.size is not None else self.info.num_images
+        if size is None or self._source is not None:
+            size = len(self.indices)
+        return {"source": self.source_name, "size": size, "subset_seed": self.subset_seed,
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes}
