@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import lightning_repro.evaluate as ev
+import lightning_repro.evaluation as ev
 from lightning_repro.data import SubsetDataModule
 from lightning_repro.data.sources import float_to_uint8
 from lightning_repro.metrics import PixelDescriptor, rp_score
@@ -70,7 +70,7 @@ def _no_sampling(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the sampler was called although every shard was cached")
 
-    monkeypatch.setattr(ev, "sample", boom)
+    monkeypatch.setattr(ev.shards, "sample_seeds", boom)
 
 
 def _error(argv) -> str:
