@@ -88,7 +88,10 @@ def _descriptor(args, shape: Sequence[int], log) -> tuple[str, Any, float]:
     if name.lower() != "pixel":
         if args.sha256 is not None:
             kwargs["sha256"] = args.sha256.lower()
-        if args.trust_descriptor and "trust_unpinned" in inspect.signature(SSCDDescriptor.__init__).parameters:
+        if (
+            args.trust_descriptor
+            and "trust_unpinned" in inspect.signature(SSCDDescriptor.__init__).parameters
+        ):
             kwargs["trust_unpinned"] = True
     elif args.sha256 is not None:
         raise ValueError("--sha256 pins the SSCD weights file; it does not apply to the pixel descriptor.")
@@ -98,15 +101,22 @@ def _descriptor(args, shape: Sequence[int], log) -> tuple[str, Any, float]:
     return name, desc, threshold
 
 
-def _sample_all(refs: Sequence[Reference], seeds: list[int], options: SamplingOptions, out: Path,
-                log) -> list[SampleSet]:
+def _sample_all(
+    refs: Sequence[Reference], seeds: list[int], options: SamplingOptions, out: Path, log
+) -> list[SampleSet]:
     sets, sampled = [], any(r.stored is None for r in refs)
     for r in refs:
         s = r.samples_at(seeds, out, options, log)
         p = s.provenance
-        if r.stored is not None and sampled and (p.get("sampler"), p.get("steps")) != (options.sampler, options.steps):
-            log(f"note: {r.text} was sampled with {p.get('sampler')} / {p.get('steps')} steps, the other models "
-                f"with {options.sampler} / {options.steps} steps.")
+        if (
+            r.stored is not None
+            and sampled
+            and (p.get("sampler"), p.get("steps")) != (options.sampler, options.steps)
+        ):
+            log(
+                f"note: {r.text} was sampled with {p.get('sampler')} / {p.get('steps')} steps, the other models "
+                f"with {options.sampler} / {options.steps} steps."
+            )
         sets.append(s)
     return sets
 
@@ -123,8 +133,13 @@ def set_up(args, specs: Sequence[str], options: SamplingOptions, seeds: list[int
 
 
 def _common_results(c: Comparison) -> dict[str, Any]:
-    return {"seeds": seed_text(c.seeds), "descriptor": c.descriptor_name, "threshold": c.threshold,
-            "sampler": c.options.sampler, "steps": c.options.steps}
+    return {
+        "seeds": seed_text(c.seeds),
+        "descriptor": c.descriptor_name,
+        "threshold": c.threshold,
+        "sampler": c.options.sampler,
+        "steps": c.options.steps,
+    }
 
 
 # ---------------------------------------------------------------------------- commands
@@ -137,8 +152,11 @@ def _pair_grid(c: Comparison) -> tuple[Path, str]:
     rows = [c.sets[0].float_images(k), c.sets[1].float_images(k)]
     note = "nearest training image of A"
     if a.data is not None:
-        rows.append(nearest_training(FeatureSet(c.feats[0].images[:k], c.feats[0].features[:k]), c.training(a),
-                                     c.threshold))
+        rows.append(
+            nearest_training(
+                FeatureSet(c.feats[0].images[:k], c.feats[0].features[:k]), c.training(a), c.threshold
+            )
+        )
     else:
         note = "(no third row: A records no training set)"
     path = c.out / "pair.png"
@@ -148,38 +166,70 @@ def _pair_grid(c: Comparison) -> tuple[Path, str]:
     return path, note
 
 
-def run_pair(args, options: SamplingOptions, seeds: list[int] | None, log=print) -> dict[str, Any]:
-    c = set_up(args, args.pair, options, seeds, log)
-    (a, b), (sa, sb) = c.refs, c.sets
-    scores = score_pair(c.feats[0], c.feats[1], c.threshold, names=(a.text, b.text))
-    gl_a, gl_b = (c.gl(0), c.gl(1)) if args.gl else (None, None)
-    grid_path, nearest_note = _pair_grid(c)
-    pick = lambda g, key: None if g is None else g[key]  # noqa: E731
-    results = {
+def _wandb_config(c: Comparison, job: str, models: dict) -> dict[str, Any]:
+    """The W&B config of a ``--pair`` / ``--matrix`` run."""
+    return {"mode": job, **models, "descriptor": c.descriptor_name, "threshold": c.threshold,
+            "sampler": c.options.sampler, "steps": c.options.steps, "n": len(c.seeds)}  # fmt: skip
+
+
+def _pair_results(c: Comparison, scores: dict, gl: list[dict | None], grid_path: Path) -> dict[str, Any]:
+    """The ``results.json`` of ``--pair``."""
+    (a, b), (sa, sb), opt = c.refs, c.sets, c.options
+    ga, gb = (g or {"gl": None, "memorized": None, "mean_max_similarity": None} for g in gl)
+    return {
         **{k: scores[k] for k in ("rp", "mean_similarity", "mae_mean", "mae_score", "mae_threshold")},
-        "gl_a": pick(gl_a, "gl"), "gl_b": pick(gl_b, "gl"),
-        "memorized_a": pick(gl_a, "memorized"), "memorized_b": pick(gl_b, "memorized"),
-        "mean_max_similarity_a": pick(gl_a, "mean_max_similarity"),
-        "mean_max_similarity_b": pick(gl_b, "mean_max_similarity"),
-        "n": scores["n"], **_common_results(c), "grid": options.grid, "guidance": options.guidance,
-        "precision": options.precision, "model_a": a.describe(), "model_b": b.describe(),
+        "gl_a": ga["gl"],
+        "gl_b": gb["gl"],
+        "memorized_a": ga["memorized"],
+        "memorized_b": gb["memorized"],
+        "mean_max_similarity_a": ga["mean_max_similarity"],
+        "mean_max_similarity_b": gb["mean_max_similarity"],
+        "n": scores["n"],
+        **_common_results(c),
+        "grid": opt.grid,
+        "guidance": opt.guidance,
+        "precision": opt.precision,
+        "model_a": a.describe(),
+        "model_b": b.describe(),
         "samples_a": str(sa.files[0].parent) if sa.files else None,
         "samples_b": str(sb.files[0].parent) if sb.files else None,
-        "grid_png": str(grid_path), "version": version(),
+        "grid_png": str(grid_path),
+        "version": version(),
     }
+
+
+def run_pair(args, options: SamplingOptions, seeds: list[int] | None, log=print) -> dict[str, Any]:
+    """``--pair A B``: RP / MAE (and with ``--gl`` GL) of two models; ``results.json`` and ``pair.png``."""
+    c = set_up(args, args.pair, options, seeds, log)
+    a, b = c.refs
+    scores = score_pair(c.feats[0], c.feats[1], c.threshold, names=(a.text, b.text))
+    gl = [c.gl(0), c.gl(1)] if args.gl else [None, None]
+    grid_path, nearest_note = _pair_grid(c)
+    results = _pair_results(c, scores, gl, grid_path)
     if not is_main():  # the other ranks computed the same numbers; rank 0 reports them
         return results
     write_json(c.out / "results.json", results)
     print_pair(results, nearest_note, log)
+    keys = (
+        "rp",
+        "mean_similarity",
+        "mae_mean",
+        "mae_score",
+        "gl_a",
+        "gl_b",
+        "memorized_a",
+        "memorized_b",
+        "n",
+    )
     if not args.no_wandb:
-        keys = ("rp", "mean_similarity", "mae_mean", "mae_score", "gl_a", "gl_b", "memorized_a", "memorized_b", "n")
-        cfg = {"mode": "pair", "model_a": a.config(), "model_b": b.config(), "descriptor": c.descriptor_name,
-               "threshold": c.threshold, "sampler": options.sampler, "steps": options.steps, "n": scores["n"]}
-        log_wandb(c.out, f"pair:{a.label}|{b.label}", "pair", cfg, {k: results[k] for k in keys},
-                  {"pair_grid": grid_path}, log)
-    gl_txt = "" if gl_a is None else f" GL_A={results['gl_a']:.3f} GL_B={results['gl_b']:.3f}"
-    log(f"done: RP={scores['rp']:.4f} MAE={scores['mae_mean']:.3f} (score {scores['mae_score']:.3f}){gl_txt} | "
-        f"n={scores['n']} {c.descriptor_name}@{c.threshold:g} | {c.out / 'results.json'}")
+        cfg = _wandb_config(c, "pair", {"model_a": a.config(), "model_b": b.config()})
+        metrics = {k: results[k] for k in keys}
+        log(log_wandb(c.out, f"pair:{a.label}|{b.label}", "pair", cfg, metrics, {"pair_grid": grid_path}))
+    gl_txt = "" if gl[0] is None else f" GL_A={results['gl_a']:.3f} GL_B={results['gl_b']:.3f}"
+    log(
+        f"done: RP={scores['rp']:.4f} MAE={scores['mae_mean']:.3f} (score {scores['mae_score']:.3f}){gl_txt} | "
+        f"n={scores['n']} {c.descriptor_name}@{c.threshold:g} | {c.out / 'results.json'}"
+    )
     return results
 
 
@@ -195,7 +245,18 @@ def _matrices(c: Comparison) -> dict[str, np.ndarray]:
     return m
 
 
+def _write_matrices(c: Comparison, m: dict[str, np.ndarray], labels: list[str]) -> None:
+    """``rp_matrix.csv`` / ``mae_matrix.csv`` and their annotated heatmaps (the style of the paper's Fig. 6)."""
+    n = len(c.seeds)
+    write_csv(c.out / "rp_matrix.csv", m["rp"], labels)
+    write_csv(c.out / "mae_matrix.csv", m["mae_mean"], labels)
+    title = f"RP ({c.descriptor_name} > {c.threshold:g}, n={n})"
+    heatmap(m["rp"], labels, title, c.out / "rp_matrix.png", ".2f", 0.0, 1.0)
+    heatmap(m["mae_mean"], labels, f"MAE [0-255] (n={n})", c.out / "mae_matrix.png", ".1f", cmap="viridis_r")
+
+
 def run_matrix(args, options: SamplingOptions, seeds: list[int] | None, log=print) -> dict[str, Any]:
+    """``--matrix A B C ...``: pairwise RP / MAE of every two models; CSV, heatmaps and ``matrix.json``."""
     if len(args.matrix) < 2:
         raise ValueError(f"--matrix needs at least two models, got {len(args.matrix)}.")
     c = set_up(args, args.matrix, options, seeds, log)
@@ -203,32 +264,34 @@ def run_matrix(args, options: SamplingOptions, seeds: list[int] | None, log=prin
     gl = [c.gl(i)["gl"] for i in range(k)] if args.gl else None
     labels = [r.label for r in c.refs]
     if is_main():
-        write_csv(c.out / "rp_matrix.csv", m["rp"], labels)
-        write_csv(c.out / "mae_matrix.csv", m["mae_mean"], labels)
-        heatmap(m["rp"], labels, f"RP ({c.descriptor_name} > {c.threshold:g}, n={n})", c.out / "rp_matrix.png",
-                ".2f", 0.0, 1.0)
-        heatmap(m["mae_mean"], labels, f"MAE [0-255] (n={n})", c.out / "mae_matrix.png", ".1f", cmap="viridis_r")
+        _write_matrices(c, m, labels)
     off = ~np.eye(k, dtype=bool)
     results = {
-        "models": [r.describe() for r in c.refs], "labels": labels,
-        **{key: m[key].tolist() for key in ("rp", "mae_mean", "mae_score", "mean_similarity")}, "gl": gl,
-        "rp_offdiag_mean": float(m["rp"][off].mean()), "mae_offdiag_mean": float(m["mae_mean"][off].mean()),
-        "n": n, **_common_results(c), "precision": options.precision, "version": version(),
+        "models": [r.describe() for r in c.refs],
+        "labels": labels,
+        **{key: m[key].tolist() for key in ("rp", "mae_mean", "mae_score", "mean_similarity")},
+        "gl": gl,
+        "rp_offdiag_mean": float(m["rp"][off].mean()),
+        "mae_offdiag_mean": float(m["mae_mean"][off].mean()),
+        "n": n,
+        **_common_results(c),
+        "precision": options.precision,
+        "version": version(),
     }
     if not is_main():
         return results
     write_json(c.out / "matrix.json", results)
     print_matrix(labels, m["rp"], gl, log)
+    metrics = {key: results[key] for key in ("rp_offdiag_mean", "mae_offdiag_mean", "n")}
+    images = {"rp_matrix": c.out / "rp_matrix.png", "mae_matrix": c.out / "mae_matrix.png"}
     if not args.no_wandb:
-        cfg = {"mode": "matrix", "models": [r.config() for r in c.refs], "descriptor": c.descriptor_name,
-               "threshold": c.threshold, "sampler": options.sampler, "steps": options.steps, "n": n}
-        metrics = {"rp_offdiag_mean": results["rp_offdiag_mean"], "mae_offdiag_mean": results["mae_offdiag_mean"],
-                   "n": n}
-        log_wandb(c.out, f"matrix:{k} models", "matrix", cfg, metrics,
-                  {"rp_matrix": c.out / "rp_matrix.png", "mae_matrix": c.out / "mae_matrix.png"}, log)
-    log(f"done: {k}x{k} matrix, mean off-diagonal RP={results['rp_offdiag_mean']:.4f} "
+        cfg = _wandb_config(c, "matrix", {"models": [r.config() for r in c.refs]})
+        log(log_wandb(c.out, f"matrix:{k} models", "matrix", cfg, metrics, images))
+    log(
+        f"done: {k}x{k} matrix, mean off-diagonal RP={results['rp_offdiag_mean']:.4f} "
         f"MAE={results['mae_offdiag_mean']:.3f} | n={n} {c.descriptor_name}@{c.threshold:g} | "
-        f"{c.out / 'rp_matrix.csv'}")
+        f"{c.out / 'rp_matrix.csv'}"
+    )
     return results
 
 
@@ -252,17 +315,25 @@ def _read_labels(text: str | None) -> list[int] | None:
 def run_sample(args, options: SamplingOptions, seeds: list[int], log=print) -> SampleSet:
     ref = resolve_model(args.model)
     if ref.stored is not None:
-        raise ValueError(f"{args.model} holds stored samples; 'sample' needs a checkpoint or optimal:<data spec>.")
+        raise ValueError(
+            f"{args.model} holds stored samples; 'sample' needs a checkpoint or optimal:<data spec>."
+        )
     out = output_folder(args.out)
     s = generate_samples(ref, seeds, out, options, labels=_read_labels(args.labels), log=log)
     grid_path = out / "samples_grid.png"
     if is_main():
         with writing(grid_path):
-            save_grid(s.float_images(64), grid_path, nrow=10 if ref.num_classes == 10 and len(s.seeds) >= 10 else None)
+            save_grid(
+                s.float_images(64),
+                grid_path,
+                nrow=10 if ref.num_classes == 10 and len(s.seeds) >= 10 else None,
+            )
     rate = f"{s.new_images / s.seconds:.1f} img/s" if s.new_images and s.seconds > 0 else "no new images"
-    log(f"done: {len(s.seeds)} images (seeds {seed_text(s.seeds.tolist())}) of {ref.label} -> {out}: "
+    log(
+        f"done: {len(s.seeds)} images (seeds {seed_text(s.seeds.tolist())}) of {ref.label} -> {out}: "
         f"generated {s.generated} shard(s), skipped {s.skipped} finished shard(s) | {s.provenance['sampler']} "
-        f"{s.provenance['steps']} steps, {s.provenance['grid']} grid | {rate} | grid: {grid_path}")
+        f"{s.provenance['steps']} steps, {s.provenance['grid']} grid | {rate} | grid: {grid_path}"
+    )
     return s
 
 
@@ -280,50 +351,92 @@ def _add_sampling(p: argparse.ArgumentParser, seeds_help: str) -> None:
     p.add_argument("--steps", type=int, default=18, help="noise levels of the grid (default 18)")
     p.add_argument("--grid", default=None, help=f"sigma grid: {', '.join(GRIDS)} (default: the sampler's)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (default 1)")
-    p.add_argument("--class", dest="class_label", type=int, default=None,
-                   help="one class for every seed (conditional models; default: seed %% num_classes)")
+    p.add_argument(
+        "--class",
+        dest="class_label",
+        type=int,
+        default=None,
+        help="one class for every seed (conditional models; default: seed %% num_classes)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=1000, help="seeds per .npz shard (default 1000)")
-    p.add_argument("--device", default=None,
-                   help="default: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu")
-    p.add_argument("--precision", default="fp32",
-                   help="fp32 | bf16: network evaluations under bf16 autocast, the solver in float32 (default fp32)")
-    p.add_argument("--overwrite", action="store_true", help="regenerate shards made with another configuration")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="default: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 | bf16: network evaluations under bf16 autocast, the solver in float32 (default fp32)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="regenerate shards made with another configuration"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder")
 
 
 def _options(args) -> SamplingOptions:
-    return SamplingOptions(sampler=args.sampler, steps=args.steps, grid=args.grid, guidance=args.guidance,
-                           class_label=args.class_label, batch_size=args.batch_size, shard_size=args.shard_size,
-                           precision=args.precision, device=args.device, overwrite=args.overwrite,
-                           progress=not args.no_progress)
+    return SamplingOptions(
+        sampler=args.sampler,
+        steps=args.steps,
+        grid=args.grid,
+        guidance=args.guidance,
+        class_label=args.class_label,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        precision=args.precision,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
 
 
 def _sample_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate.py sample", description="Sample a model at fixed seeds into .npz shards.")
     p.add_argument("model", help="checkpoint, or optimal:<data spec>")
     _add_sampling(p, f"seeds, e.g. 0-9999 or 0,5,7-9 (default {DEFAULT_SEEDS})")
-    p.add_argument("--labels", default=None, help="class ids, one per seed: a comma list or a .npy / .txt file")
+    p.add_argument(
+        "--labels", default=None, help="class ids, one per seed: a comma list or a .npy / .txt file"
+    )
     return p
 
 
 def _compare_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate.py", description=(
-        "Reproducibility (RP, MAE) and generalization (GL) of diffusion models (Zhang et al., ICML 2024). "
-        "Use 'evaluate.py sample -h' for sampling to shards."))
+    p = _Parser(
+        prog="evaluate.py",
+        description=(
+            "Reproducibility (RP, MAE) and generalization (GL) of diffusion models (Zhang et al., ICML 2024). "
+            "Use 'evaluate.py sample -h' for sampling to shards."
+        ),
+    )
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--pair", nargs=2, metavar=("A", "B"),
-                   help="two models: checkpoints, sample folders / .npz, or optimal:<data spec>")
+    g.add_argument(
+        "--pair",
+        nargs=2,
+        metavar=("A", "B"),
+        help="two models: checkpoints, sample folders / .npz, or optimal:<data spec>",
+    )
     g.add_argument("--matrix", nargs="+", metavar="M", help="two or more models: pairwise RP / MAE")
     _add_sampling(p, f"seeds (default {DEFAULT_SEEDS}, or the seeds of the sample files given)")
-    p.add_argument("--descriptor", default=None,
-                   help="sscd | sscd_disc_mixup | pixel (default: sscd for 3-channel >= 32 px images, else pixel)")
+    p.add_argument(
+        "--descriptor",
+        default=None,
+        help="sscd | sscd_disc_mixup | pixel (default: sscd for 3-channel >= 32 px images, else pixel)",
+    )
     p.add_argument("--sha256", default=None, metavar="HEX", help="expected SHA-256 of the SSCD weights file")
-    p.add_argument("--trust-descriptor", action="store_true",
-                   help="accept SSCD weights that have no published SHA-256 (recorded on first use)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="similarity threshold in (-1, 1] (default: the descriptor's, 0.6 for SSCD, 0.97 for pixel)")
+    p.add_argument(
+        "--trust-descriptor",
+        action="store_true",
+        help="accept SSCD weights that have no published SHA-256 (recorded on first use)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="similarity threshold in (-1, 1] (default: the descriptor's, 0.6 for SSCD, 0.97 for pixel)",
+    )
     p.add_argument("--gl", action="store_true", help="also GL of each model against its own training set")
     p.add_argument("--no-wandb", action="store_true", help="do not log to W&B")
     return p
@@ -336,8 +449,10 @@ def _check_compare(args) -> None:
         from ..metrics.descriptors import DESCRIPTORS
 
         if args.descriptor.lower() not in DESCRIPTORS:
-            raise ValueError(f"Unknown descriptor {args.descriptor!r} (--descriptor); expected one of "
-                             f"{', '.join(DESCRIPTORS)}.")
+            raise ValueError(
+                f"Unknown descriptor {args.descriptor!r} (--descriptor); expected one of "
+                f"{', '.join(DESCRIPTORS)}."
+            )
     if args.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
         raise ValueError(f"--sha256 must be 64 hexadecimal digits (a SHA-256), got {args.sha256!r}.")
 
@@ -348,7 +463,9 @@ def _run(argv: list[str], log=print):
     if argv and argv[0] == "sample":
         args = _sample_parser().parse_args(argv[1:])
         options = _options(args)
-        return run_sample(args, options, parse_seeds(DEFAULT_SEEDS if args.seeds is None else args.seeds), log)
+        return run_sample(
+            args, options, parse_seeds(DEFAULT_SEEDS if args.seeds is None else args.seeds), log
+        )
     args = _compare_parser().parse_args(argv)
     options = _options(args)
     seeds = None if args.seeds is None else parse_seeds(args.seeds)  # parsed once, here

@@ -20,7 +20,16 @@ from torch import Tensor
 
 from ..viz import atomic_write_bytes
 
-__all__ = ["version", "seed_text", "safe_name", "json_safe", "write_bytes", "write_json", "writing", "output_folder"]
+__all__ = [
+    "version",
+    "seed_text",
+    "safe_name",
+    "json_safe",
+    "write_bytes",
+    "write_json",
+    "writing",
+    "output_folder",
+]
 
 
 def version() -> str:
@@ -79,7 +88,9 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        raise OSError(f"could not write {path} ({_reason(err)}); check that --out is writable and has free space.") from None
+        raise OSError(
+            f"could not write {path} ({_reason(err)}); check that --out is writable and has free space."
+        ) from None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

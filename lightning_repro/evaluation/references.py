@@ -41,7 +41,13 @@ __all__ = [
 ]
 
 _DM_KEYS = tuple(p for p in inspect.signature(SubsetDataModule.__init__).parameters if p != "self")
-_DM_DROP = ("batch_size", "val_seeds", "flip", "data_seed", "on_device")  # do not change which images form the subset
+_DM_DROP = (
+    "batch_size",
+    "val_seeds",
+    "flip",
+    "data_seed",
+    "on_device",
+)  # do not change which images form the subset
 
 
 # ---------------------------------------------------------------------------- data specs (optimal:)
@@ -129,7 +135,9 @@ class Reference:
     sha256: str  # identity: checkpoint digest, digest of the optimal spec, or the samples' checkpoint digest
     image_shape: tuple[int, int, int]
     num_classes: int = 0
-    info: dict[str, Any] = field(default_factory=dict)  # provenance: kind, arch, kernel, size, subset_seed, ...
+    info: dict[str, Any] = field(
+        default_factory=dict
+    )  # provenance: kind, arch, kernel, size, subset_seed, ...
     data: dict[str, Any] | None = None  # SubsetDataModule kwargs of its training set
     kernel_spec: dict[str, Any] | None = None  # {"name", "kwargs"} to rebuild the sampling kernel
     _den: Any = field(default=None, repr=False)
@@ -188,8 +196,11 @@ class Reference:
         """Its samples at ``seeds``: cached shards under ``out/samples/<name>_<tag>``, sampled where missing."""
         folder = out / "samples" / f"{self.name}_{options.cache_tag}"
         s = generate_samples(self, seeds, folder, options, log=log)
-        log(f"{self.label}: reused {s.skipped} cached shard(s)" + (f", generated {s.generated}" if s.generated else "")
-            + f" in {folder}")
+        log(
+            f"{self.label}: reused {s.skipped} cached shard(s)"
+            + (f", generated {s.generated}" if s.generated else "")
+            + f" in {folder}"
+        )
         return s
 
 
@@ -221,7 +232,9 @@ class CheckpointReference(Reference):
         hp = meta.get("hparams", {})
         sha = file_sha256(path)
         info = {"kind": "checkpoint", "path": str(path.resolve()), "sha256": sha}
-        info.update({k: meta.get(k) for k in ("arch", "kernel", "precond", "size", "subset_seed", "seed", "source")})
+        info.update(
+            {k: meta.get(k) for k in ("arch", "kernel", "precond", "size", "subset_seed", "seed", "source")}
+        )
         return cls(
             text=text,
             label=path.stem,
@@ -231,7 +244,10 @@ class CheckpointReference(Reference):
             num_classes=int(meta.get("num_classes") or 0),
             info=info,
             data=meta.get("data"),
-            kernel_spec={"name": hp.get("kernel", meta.get("kernel")), "kwargs": hp.get("kernel_kwargs") or {}},
+            kernel_spec={
+                "name": hp.get("kernel", meta.get("kernel")),
+                "kwargs": hp.get("kernel_kwargs") or {},
+            },
         )
 
     def _load_denoiser(self, device: torch.device):
@@ -260,9 +276,20 @@ class OptimalReference(Reference):
             kernel_spec = {"name": "edm", "kwargs": {}}
         get_kernel(kernel_spec["name"], **kernel_spec["kwargs"])  # validate now
         ident = data_identity({**data, "size": d["size"]})
-        sha = hashlib.sha256(json.dumps({"optimal": ident, "kernel": kernel_spec}, sort_keys=True).encode()).hexdigest()
-        info = {"kind": "optimal", "spec": text, "arch": "optimal", "kernel": kernel_spec["name"], "size": d["size"],
-                "subset_seed": d["subset_seed"], "seed": None, "source": d["source"], "sha256": sha}
+        sha = hashlib.sha256(
+            json.dumps({"optimal": ident, "kernel": kernel_spec}, sort_keys=True).encode()
+        ).hexdigest()
+        info = {
+            "kind": "optimal",
+            "spec": text,
+            "arch": "optimal",
+            "kernel": kernel_spec["name"],
+            "size": d["size"],
+            "subset_seed": d["subset_seed"],
+            "seed": None,
+            "source": d["source"],
+            "sha256": sha,
+        }
         return cls(
             text=text,
             label=f"optimal[{d['source']},N={d['size']}]",
@@ -284,7 +311,9 @@ class OptimalReference(Reference):
 
     def precision(self, requested: str, log: Callable[[str], None]) -> str:
         if requested != "fp32":
-            log(f"note: --precision {requested} does not apply to {self.text}; the optimal denoiser runs in float64.")
+            log(
+                f"note: --precision {requested} does not apply to {self.text}; the optimal denoiser runs in float64."
+            )
         return "fp32"
 
 
@@ -325,7 +354,9 @@ class SamplesReference(Reference):
     def samples_at(self, seeds: list[int], out: Path, options: SamplingOptions, log=print) -> SampleSet:
         s = self.samples.select(seeds, self.text)  # type: ignore[union-attr]
         p = s.provenance
-        log(f"{self.label}: {len(seeds)} stored samples from {self.text} ({p.get('sampler')}, {p.get('steps')} steps)")
+        log(
+            f"{self.label}: {len(seeds)} stored samples from {self.text} ({p.get('sampler')}, {p.get('steps')} steps)"
+        )
         return s
 
 

@@ -16,8 +16,16 @@ from .common import json_safe, write_bytes
 __all__ = ["heatmap", "write_csv", "log_wandb", "print_pair", "print_matrix"]
 
 
-def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, fmt: str, vmin=None, vmax=None,
-            cmap: str = "viridis") -> None:
+def heatmap(
+    matrix: np.ndarray,
+    labels: list[str],
+    title: str,
+    path: Path,
+    fmt: str,
+    vmin=None,
+    vmax=None,
+    cmap: str = "viridis",
+) -> None:
     """An annotated k x k heatmap PNG of ``matrix`` with ``labels`` on both axes."""
     from matplotlib.figure import Figure
 
@@ -33,8 +41,15 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: Path, fmt: 
         for j in range(k):
             v = matrix[i, j]
             light = (v - lo) / (hi - lo + 1e-12) < 0.6 if np.isfinite(v) else True
-            ax.text(j, i, "-" if not np.isfinite(v) else format(v, fmt), ha="center", va="center", fontsize=8,
-                    color="white" if light else "black")
+            ax.text(
+                j,
+                i,
+                "-" if not np.isfinite(v) else format(v, fmt),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if light else "black",
+            )
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
@@ -52,9 +67,9 @@ def write_csv(path: Path, matrix: np.ndarray, labels: list[str]) -> None:
     write_bytes(path, buf.getvalue().encode())
 
 
-def log_wandb(out: Path, name: str, job: str, config: dict, metrics: dict, images: dict[str, Path],
-              log=print) -> None:
-    """One W&B run (project lightning_repro, group evaluate) with ``metrics`` and ``images``; prints where it is."""
+def log_wandb(out: Path, name: str, job: str, config: dict, metrics: dict, images: dict[str, Path]) -> str:
+    """One W&B run (project lightning_repro, group evaluate) of ``metrics`` and ``images``; returns the line
+    saying where it is (or why it failed: W&B never stops an evaluation)."""
     from ..cli import wandb_offline
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -63,19 +78,31 @@ def log_wandb(out: Path, name: str, job: str, config: dict, metrics: dict, image
         import wandb
 
         mode = "offline" if wandb_offline() else "online"
-        run = wandb.init(project="lightning_repro", group="evaluate", job_type=job, name=name, dir=str(out),
-                         mode=mode, config=json_safe(config), reinit="finish_previous",
-                         settings=wandb.Settings(silent=True, console="off", init_timeout=30))
-        run.log({**{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None},
-                 **{k: wandb.Image(str(p)) for k, p in images.items()}})
+        run = wandb.init(
+            project="lightning_repro",
+            group="evaluate",
+            job_type=job,
+            name=name,
+            dir=str(out),
+            mode=mode,
+            config=json_safe(config),
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off", init_timeout=30),
+        )
+        run.log(
+            {
+                **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None},
+                **{k: wandb.Image(str(p)) for k, p in images.items()},
+            }
+        )
         for k, v in metrics.items():
             run.summary[k] = v
         run_dir = run.dir
         run.finish()
-        log(f"W&B run {mode}: {Path(run_dir).parent}")
+        return f"W&B run {mode}: {Path(run_dir).parent}"
     except Exception as err:  # W&B must never stop an evaluation
         first = str(err).splitlines()[0] if str(err) else ""
-        log(f"warning: W&B logging failed ({type(err).__name__}: {first}); results are in {out}.")
+        return f"warning: W&B logging failed ({type(err).__name__}: {first}); results are in {out}."
 
 
 def _fmt(v, spec=".4f") -> str:

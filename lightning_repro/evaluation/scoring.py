@@ -20,8 +20,15 @@ from torch import Tensor
 
 from .distributed import all_gather, rank_world
 
-__all__ = ["FEATURE_CHUNK", "FeatureSet", "featurize", "score_pair", "generalization", "nearest_training",
-           "choose_descriptor"]
+__all__ = [
+    "FEATURE_CHUNK",
+    "FeatureSet",
+    "featurize",
+    "score_pair",
+    "generalization",
+    "nearest_training",
+    "choose_descriptor",
+]
 
 #: images per descriptor call (and per rank's share of the feature work); fixed so that one process and N
 #: processes run the descriptor on the same batches and get bit-identical features
@@ -46,17 +53,21 @@ def featurize(descriptor, images: np.ndarray | Tensor) -> FeatureSet:
     """``images`` (uint8 N x H x W x C arrays of sample files, or N x C x H x W tensors) with their features."""
     x = _nchw(images)
     if x.shape[0] == 0:
-        return FeatureSet(x, descriptor(x).float().cpu())  # the descriptor's own sentence about an empty batch
+        return FeatureSet(
+            x, descriptor(x).float().cpu()
+        )  # the descriptor's own sentence about an empty batch
     rank, world = rank_world()
     chunks = range(0, x.shape[0], FEATURE_CHUNK)
-    mine = {i: descriptor(x[i:i + FEATURE_CHUNK]).float().cpu() for i in chunks[rank::world]}
+    mine = {i: descriptor(x[i : i + FEATURE_CHUNK]).float().cpu() for i in chunks[rank::world]}
     parts: dict[int, Tensor] = {}
     for got in all_gather(mine):
         parts.update(got)
     return FeatureSet(x, torch.cat([parts[i] for i in chunks]))
 
 
-def score_pair(a: FeatureSet, b: FeatureSet, threshold: float, names: Sequence[str] = ("A", "B")) -> dict[str, float]:
+def score_pair(
+    a: FeatureSet, b: FeatureSet, threshold: float, names: Sequence[str] = ("A", "B")
+) -> dict[str, float]:
     """RP, mean similarity and MAE of the seed-paired rows of ``a`` and ``b``.
 
     Returns ``rp``, ``mean_similarity``, ``mae_mean``, ``mae_score``, ``mae_threshold`` and ``n`` (pairs).
@@ -87,11 +98,14 @@ def score_pair(a: FeatureSet, b: FeatureSet, threshold: float, names: Sequence[s
 def _score(training: FeatureSet, threshold: float):
     from ..metrics import GeneralizationScore
 
-    return GeneralizationScore(training.features, threshold=threshold, sync_on_compute=False)  # features are gathered
+    return GeneralizationScore(
+        training.features, threshold=threshold, sync_on_compute=False
+    )  # features are gathered
 
 
-def generalization(samples: FeatureSet, training: FeatureSet, threshold: float, name: str = "the samples"
-                   ) -> dict[str, float]:
+def generalization(
+    samples: FeatureSet, training: FeatureSet, threshold: float, name: str = "the samples"
+) -> dict[str, float]:
     """GL of ``samples`` against the training set: ``gl``, ``memorized`` (= 1 - GL), ``mean_max_similarity``."""
     if training.features.shape[1] != samples.features.shape[1]:
         raise ValueError(
@@ -101,7 +115,11 @@ def generalization(samples: FeatureSet, training: FeatureSet, threshold: float, 
     gl = _score(training, threshold)
     gl.update(samples.features)
     s = gl.summary()
-    return {"gl": s["gl"], "memorized": s["memorized_fraction"], "mean_max_similarity": s["mean_max_similarity"]}
+    return {
+        "gl": s["gl"],
+        "memorized": s["memorized_fraction"],
+        "mean_max_similarity": s["mean_max_similarity"],
+    }
 
 
 def nearest_training(samples: FeatureSet, training: FeatureSet, threshold: float) -> Tensor:

@@ -33,13 +33,30 @@ from .distributed import barrier, rank_world
 if TYPE_CHECKING:
     from .references import Reference
 
-__all__ = ["FORMAT", "MATCH_KEYS", "SampleSet", "SamplingOptions", "shard_name", "content_sha256",
-           "generate_samples", "load_samples"]
+__all__ = [
+    "FORMAT",
+    "MATCH_KEYS",
+    "SampleSet",
+    "SamplingOptions",
+    "shard_name",
+    "content_sha256",
+    "generate_samples",
+    "load_samples",
+]
 
 FORMAT = "lightning_repro.samples/1"
 #: provenance fields that must agree for a shard to be reused
-MATCH_KEYS = ("format", "checkpoint_sha256", "sampler", "steps", "grid", "guidance", "kernel", "image_shape",
-              "precision")
+MATCH_KEYS = (
+    "format",
+    "checkpoint_sha256",
+    "sampler",
+    "steps",
+    "grid",
+    "guidance",
+    "kernel",
+    "image_shape",
+    "precision",
+)
 #: value of a provenance field in shards written before the field existed
 MATCH_DEFAULTS = {"precision": "fp32"}
 
@@ -58,7 +75,9 @@ class SamplingOptions:
     steps: int = 18  # noise levels of the grid
     grid: str | None = None  # sigma grid; None: the sampler's default (logsnr for DPM-Solver++, else native)
     guidance: float = 1.0  # classifier-free guidance weight
-    class_label: int | None = None  # one class for every seed (conditional models; default seed % num_classes)
+    class_label: int | None = (
+        None  # one class for every seed (conditional models; default seed % num_classes)
+    )
     batch_size: int = 256
     shard_size: int = 1000  # seeds per .npz shard
     precision: str = "fp32"  # fp32 | bf16: network evaluations under autocast, the solver in float32
@@ -69,14 +88,20 @@ class SamplingOptions:
     def __post_init__(self):
         key = str(self.sampler).lower().replace("-", "_").replace("++", "pp")
         if key not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {self.sampler!r} (--sampler); valid samplers are: {', '.join(SAMPLERS)}.")
+            raise ValueError(
+                f"Unknown sampler {self.sampler!r} (--sampler); valid samplers are: {', '.join(SAMPLERS)}."
+            )
         object.__setattr__(self, "sampler", key)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"--steps must be an integer >= 1, got {self.steps!r}.")
-        grid = DEFAULT_GRID.get(key, "native") if self.grid is None else str(self.grid).lower().replace("-", "_")
+        grid = (
+            DEFAULT_GRID.get(key, "native") if self.grid is None else str(self.grid).lower().replace("-", "_")
+        )
         grid = _GRID_ALIASES.get(grid, grid)
         if grid not in GRIDS:
-            raise ValueError(f"Unknown sigma grid {self.grid!r} (--grid); valid grids are: {', '.join(GRIDS)}.")
+            raise ValueError(
+                f"Unknown sigma grid {self.grid!r} (--grid); valid grids are: {', '.join(GRIDS)}."
+            )
         object.__setattr__(self, "grid", grid)
         _positive(self.batch_size, "--batch-size")
         _positive(self.shard_size, "--shard-size")
@@ -96,8 +121,14 @@ class SamplingOptions:
         return tag + ("" if self.precision == "fp32" else f"_{self.precision}")
 
     def solver(self, precision: str) -> SolverConfig:
-        return SolverConfig(sampler=self.sampler, steps=self.steps, grid=self.grid, guidance=self.guidance,
-                            batch_size=self.batch_size, precision=precision)
+        return SolverConfig(
+            sampler=self.sampler,
+            steps=self.steps,
+            grid=self.grid,
+            guidance=self.guidance,
+            batch_size=self.batch_size,
+            precision=precision,
+        )
 
     def torch_device(self) -> torch.device:
         if self.device is None:
@@ -105,7 +136,9 @@ class SamplingOptions:
         try:
             return torch.device(self.device)
         except RuntimeError:
-            raise ValueError(f"--device {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1).") from None
+            raise ValueError(
+                f"--device {self.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)."
+            ) from None
 
 
 @dataclass
@@ -186,7 +219,9 @@ def _read_shard(path: Path) -> dict[str, np.ndarray]:
     try:
         arrays = _load_npz(path)
     except Exception as err:
-        raise ValueError(f"sample file {path} could not be read ({type(err).__name__}); is it truncated?") from None
+        raise ValueError(
+            f"sample file {path} could not be read ({type(err).__name__}); is it truncated?"
+        ) from None
     _provenance_of(arrays, path)
     if not _intact(arrays):
         raise ValueError(
@@ -214,8 +249,9 @@ def _write_shard(path: Path, arrays: dict[str, np.ndarray], sigmas: Tensor, prov
     write_bytes(path, buf.getvalue())
 
 
-def _labels_for(ref: Reference, seeds: Sequence[int], class_label: int | None,
-                labels: Sequence[int] | None) -> np.ndarray | None:
+def _labels_for(
+    ref: Reference, seeds: Sequence[int], class_label: int | None, labels: Sequence[int] | None
+) -> np.ndarray | None:
     """Labels of a conditional model: ``--class K`` for all, an explicit list, or ``seed % num_classes``."""
     if not ref.num_classes:
         if class_label is not None or labels is not None:
@@ -240,11 +276,22 @@ def _labels_for(ref: Reference, seeds: Sequence[int], class_label: int | None,
 
 def _provenance(ref: Reference, options: SamplingOptions, precision: str, kernel) -> dict[str, Any]:
     return {
-        "format": FORMAT, "checkpoint": ref.text, "checkpoint_sha256": ref.sha256, "sampler": options.sampler,
-        "steps": options.steps, "grid": options.grid, "guidance": options.guidance, "kernel": kernel.config(),
-        "kernel_spec": ref.kernel_spec, "image_shape": list(ref.image_shape), "precision": precision,
-        "num_classes": ref.num_classes, "model": ref.info, "data": None if ref.data is None else json_safe(ref.data),
-        "version": version(), "torch": torch.__version__,
+        "format": FORMAT,
+        "checkpoint": ref.text,
+        "checkpoint_sha256": ref.sha256,
+        "sampler": options.sampler,
+        "steps": options.steps,
+        "grid": options.grid,
+        "guidance": options.guidance,
+        "kernel": kernel.config(),
+        "kernel_spec": ref.kernel_spec,
+        "image_shape": list(ref.image_shape),
+        "precision": precision,
+        "num_classes": ref.num_classes,
+        "model": ref.info,
+        "data": None if ref.data is None else json_safe(ref.data),
+        "version": version(),
+        "torch": torch.__version__,
     }
 
 
@@ -269,8 +316,10 @@ def _reusable(shard: _Shard, want: dict[str, Any], log) -> dict[str, np.ndarray]
         log(f"warning: {shard.path} is unreadable ({type(err).__name__}); regenerating it.")
         return None
     if not _intact(arrays):
-        log(f"warning: {shard.path} does not match the content SHA-256 it records (rewritten or corrupted); "
-            "regenerating it.")
+        log(
+            f"warning: {shard.path} does not match the content SHA-256 it records (rewritten or corrupted); "
+            "regenerating it."
+        )
         return None
     for key in MATCH_KEYS:
         got = have.get(key, MATCH_DEFAULTS.get(key))
@@ -280,7 +329,11 @@ def _reusable(shard: _Shard, want: dict[str, Any], log) -> dict[str, np.ndarray]
                 "write to another --out folder, or pass --overwrite to regenerate it."
             )
     lab = shard.labels
-    same_labels = ("labels" not in arrays) if lab is None else ("labels" in arrays and np.array_equal(arrays["labels"], lab))
+    same_labels = (
+        ("labels" not in arrays)
+        if lab is None
+        else ("labels" in arrays and np.array_equal(arrays["labels"], lab))
+    )
     if not np.array_equal(arrays["seeds"], np.asarray(shard.seeds)) or not same_labels:
         raise ValueError(
             f"shard {shard.path} holds other seeds or labels than this run asks for; write to another --out "
@@ -289,32 +342,79 @@ def _reusable(shard: _Shard, want: dict[str, Any], log) -> dict[str, np.ndarray]
     return arrays
 
 
-def _sample_shards(ref: Reference, mine: list[_Shard], options: SamplingOptions, precision: str, kernel,
-                   prov: dict[str, Any], results: dict[int, dict[str, np.ndarray]]) -> None:
-    """Sample and write this rank's shards, adding their arrays to ``results``."""
+def _sample_shards(
+    ref: Reference,
+    mine: list[_Shard],
+    options: SamplingOptions,
+    prov: dict[str, Any],
+    results: dict[int, dict[str, np.ndarray]],
+) -> None:
+    """Sample and write this rank's shards (with the precision ``prov`` records), adding their arrays to
+    ``results``."""
     from tqdm.auto import tqdm
 
     device = options.torch_device()
     den = ref.denoiser(device)
-    config = options.solver(precision)
+    kernel = ref.kernel()
+    config = options.solver(prov["precision"])
     sigmas = get_sigmas(options.grid, options.steps, kernel)
-    bar = tqdm(total=sum(len(s.seeds) for s in mine), unit="img", dynamic_ncols=True, file=sys.stderr,
-               desc=f"sampling {ref.label} ({options.sampler}, {options.steps} steps)",
-               disable=not options.progress or rank_world()[0] != 0)
+    bar = tqdm(
+        total=sum(len(s.seeds) for s in mine),
+        unit="img",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        desc=f"sampling {ref.label} ({options.sampler}, {options.steps} steps)",
+        disable=not options.progress or rank_world()[0] != 0,
+    )
     with torch.inference_mode():
         for shard in mine:
             labels = None if shard.labels is None else torch.from_numpy(shard.labels)
-            x = sample_seeds(den, kernel, shard.seeds, ref.image_shape, config, labels=labels, device=device,
-                             callback=bar.update)
+            x = sample_seeds(
+                den,
+                kernel,
+                shard.seeds,
+                ref.image_shape,
+                config,
+                labels=labels,
+                device=device,
+                callback=bar.update,
+            )
             arrays = shard.arrays(float_to_uint8(x))
             _write_shard(shard.path, arrays, sigmas, prov)
             results[shard.index] = arrays
     bar.close()
 
 
-def generate_samples(ref: Reference, seeds: Sequence[int], out: str | Path,
-                     options: SamplingOptions = SamplingOptions(), labels: Sequence[int] | None = None,
-                     log=print) -> SampleSet:
+def _plan(
+    seeds: list[int],
+    labels: np.ndarray | None,
+    out: Path,
+    options: SamplingOptions,
+    prov: dict[str, Any],
+    log,
+) -> tuple[list[_Shard], dict[int, dict[str, np.ndarray]]]:
+    """The shards of ``seeds`` under ``out`` and the arrays of those already finished (by index)."""
+    want = json.loads(json.dumps(json_safe({k: prov[k] for k in MATCH_KEYS})))
+    n = options.shard_size
+    shards = [
+        _Shard(k, seeds[i : i + n], None if labels is None else labels[i : i + n], out / shard_name(seeds[i : i + n]))
+        for k, i in enumerate(range(0, len(seeds), n))
+    ]  # fmt: skip
+    done: dict[int, dict[str, np.ndarray]] = {}
+    for s in shards:
+        if s.path.exists() and not options.overwrite and (arrays := _reusable(s, want, log)) is not None:
+            done[s.index] = arrays
+    return shards, done
+
+
+def generate_samples(
+    ref: Reference,
+    seeds: Sequence[int],
+    out: str | Path,
+    options: SamplingOptions = SamplingOptions(),
+    labels: Sequence[int] | None = None,
+    log=print,
+) -> SampleSet:
     """Sample ``ref`` at ``seeds`` (parsed, e.g. by ``parse_seeds``) into seed-ranged shards under ``out``.
 
     Finished shards are reused.  Under torchrun the shards to sample are dealt round robin to the ranks, and
@@ -327,25 +427,19 @@ def generate_samples(ref: Reference, seeds: Sequence[int], out: str | Path,
     kernel = ref.kernel()
     lab_all = _labels_for(ref, seeds, options.class_label, labels)
     if options.guidance != 1.0 and lab_all is None:
-        raise ValueError(f"--guidance {options.guidance} needs a class-conditional model, but {ref.text} is "
-                         "unconditional.")
+        raise ValueError(
+            f"--guidance {options.guidance} needs a class-conditional model, but {ref.text} is unconditional."
+        )
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     prov = _provenance(ref, options, precision, kernel)
-    want = json.loads(json.dumps(json_safe({k: prov[k] for k in MATCH_KEYS})))
-    n = options.shard_size
-    shards = [_Shard(k, seeds[i:i + n], None if lab_all is None else lab_all[i:i + n], out / shard_name(seeds[i:i + n]))
-              for k, i in enumerate(range(0, len(seeds), n))]
-    results: dict[int, dict[str, np.ndarray]] = {}
-    for s in shards:
-        if s.path.exists() and not options.overwrite and (arrays := _reusable(s, want, log)) is not None:
-            results[s.index] = arrays
+    shards, results = _plan(seeds, lab_all, out, options, prov, log)
     todo = [s for s in shards if s.index not in results]
     rank, world = rank_world()
     barrier()  # every rank has planned from the same files before any rank writes one
     t0 = time.perf_counter()
     if todo[rank::world]:
-        _sample_shards(ref, todo[rank::world], options, precision, kernel, prov, results)
+        _sample_shards(ref, todo[rank::world], options, prov, results)
     barrier()  # the other ranks' shards are written
     for s in todo:
         if s.index not in results:
@@ -355,8 +449,11 @@ def generate_samples(ref: Reference, seeds: Sequence[int], out: str | Path,
         images=np.concatenate([p["images"] for p in parts]),
         seeds=np.concatenate([np.asarray(p["seeds"], dtype=np.int64) for p in parts]),
         labels=None if lab_all is None else np.concatenate([p["labels"] for p in parts]),
-        provenance=prov, generated=len(todo), skipped=len(shards) - len(todo),
-        new_images=sum(len(s.seeds) for s in todo), seconds=time.perf_counter() - t0,
+        provenance=prov,
+        generated=len(todo),
+        skipped=len(shards) - len(todo),
+        new_images=sum(len(s.seeds) for s in todo),
+        seconds=time.perf_counter() - t0,
         files=[s.path for s in shards],
     )
 
