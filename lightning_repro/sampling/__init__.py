@@ -4,11 +4,16 @@
 starts from ``x_T = kernel.prior_scale * z`` in the EDM variable (VE / EDM: ``sigma_max * z``; VP and
 sub-VP: ``z`` in their own variable, i.e. ``z / s(T)``; Song et al. 2021, Karras et al. 2022) and runs a
 deterministic solver of the probability-flow ODE on a sigma grid.  Every model compared in a study is
-sampled this way from the same seeds, so outputs are compared seed by seed.
+sampled this way from the same seeds, so outputs are compared seed by seed.  (Design decision since
+DESIGN.md's first version: the start is always ``x_T = kernel.prior_scale * z`` in the EDM variable, so one
+sampler serves every kernel, network and closed-form denoiser.)
 
 ``precision="bf16"`` runs every network evaluation under ``torch.autocast(bfloat16)`` (``AutocastDenoiser``)
 while the solver's state and arithmetic stay in ``dtype`` (float32): the speed of bf16 tensor cores with
 a float32 ODE integration.  bf16 samples differ from float32 ones by the network's round-off.
+
+``sample_seeds(denoiser, kernel, seeds, shape, SolverConfig(...))`` is the same for an already parsed seed list
+and one options object (what ``evaluation.shards`` calls); all entry points share one batch loop.
 
 ``sample_from_noise(denoiser, kernel, z, ...)`` does the same from explicit standard-normal noise ``z`` (e.g.
 points of a plane through three seeds' noises, ``studies.hyperplane``), starting from ``kernel.prior_scale * z``.
