@@ -517,7 +517,8 @@ def test_full_disk_leaves_no_partial_file(ckpts, tmp_path, monkeypatch, victim):
         argv = ["sample", ckpts[0], "--seeds", "0-3", "--out", str(out), *FAST]
         path = out / victim
     msg = _error(argv)
-    assert msg == f"error: could not write {path} (no space left on device); check that --out is writable and has free space."
+    expected = f"could not write {path} (no space left on device); check that --out is writable and has free space."
+    assert msg == f"error: {expected}"
     leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.name == victim]
     assert leftovers == [] and not path.exists()
 
