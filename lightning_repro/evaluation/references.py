@@ -231,7 +231,7 @@ class CheckpointReference(Reference):
         meta = load_checkpoint(path)[CKPT_KEY]
         hp = meta.get("hparams", {})
         sha = file_sha256(path)
-        info = {"kind": "checkpoint", "path": str(path.resolve()), "sha256": sha}
+        info = {"kind": cls.kind, "path": str(path.resolve()), "sha256": sha}
         info.update(
             {k: meta.get(k) for k in ("arch", "kernel", "precond", "size", "subset_seed", "seed", "source")}
         )
@@ -280,7 +280,7 @@ class OptimalReference(Reference):
             json.dumps({"optimal": ident, "kernel": kernel_spec}, sort_keys=True).encode()
         ).hexdigest()
         info = {
-            "kind": "optimal",
+            "kind": cls.kind,
             "spec": text,
             "arch": "optimal",
             "kernel": kernel_spec["name"],
@@ -330,7 +330,7 @@ class SamplesReference(Reference):
         prov = s.provenance
         path = Path(spec).expanduser()
         info = dict(prov.get("model") or {})
-        info.update(kind="samples", path=str(path), sha256=prov.get("checkpoint_sha256"))
+        info.update(kind=cls.kind, path=str(path), sha256=prov.get("checkpoint_sha256"))
         return cls(
             text=text,
             label=path.stem if path.is_file() else path.name,
