@@ -1,9 +1,9 @@
 """Evaluate diffusion models: ``python evaluate.py sample CKPT ...``, ``--pair A B``, ``--matrix A B C ...``.
 
-See ``lightning_repro/evaluate.py`` for the commands, file formats and options.
+See the README (Sampling and evaluation) and ``lightning_repro/evaluation/``.
 """
 
-from lightning_repro.evaluate import main
+from lightning_repro.evaluation import main
 
 if __name__ == "__main__":
     main()

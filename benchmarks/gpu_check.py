@@ -242,7 +242,7 @@ def section_sample(a, device) -> None:
 def section_pipeline(a, device) -> None:
     import json
 
-    from lightning_repro import evaluate
+    from lightning_repro import evaluation as evaluate
     from lightning_repro.cli import main as train_main
 
     root = Path(__file__).resolve().parents[1]

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
-    from .evaluate import main as evaluate_main
+    from .evaluation import main as evaluate_main
 
     t0, out, rows = time.time(), Path(a.out), []
     jobs = [(f, n, a.steps or DEFAULT_STEPS[f], out / f"{f}_N{n}") for n in a.sizes for f in a.families]

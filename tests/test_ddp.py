@@ -367,17 +367,18 @@ def test_conditional_and_discrete_sampling_reads_nothing_back(arch, kernel, num_
 
 
 def test_bf16_shards_record_their_precision_and_old_shards_count_as_fp32(runs, tmp_path):
-    import lightning_repro.evaluate as ev
+    import lightning_repro.evaluation as ev
 
     torch.set_num_threads(1)
     ref = ev.resolve_model(str(runs[0] / "checkpoints" / "last.ckpt"))
-    kw = dict(steps=2, progress=False, log=lambda msg: None)
-    s16 = ev.generate_samples(ref, range(6), tmp_path / "bf16", precision="bf16", **kw)
-    s32 = ev.generate_samples(ref, range(6), tmp_path / "fp32", **kw)
+    fp32, bf16 = ev.SamplingOptions(steps=2, progress=False), ev.SamplingOptions(steps=2, progress=False, precision="bf16")
+    kw = dict(log=lambda msg: None)
+    s16 = ev.generate_samples(ref, list(range(6)), tmp_path / "bf16", bf16, **kw)
+    s32 = ev.generate_samples(ref, list(range(6)), tmp_path / "fp32", fp32, **kw)
     assert s16.provenance["precision"] == "bf16" and s32.provenance["precision"] == "fp32"
     assert np.abs(s16.images.astype(int) - s32.images.astype(int)).max() <= 16  # network round-off only
     with pytest.raises(ValueError, match=r"was made with precision='bf16' but this run uses 'fp32'"):
-        ev.generate_samples(ref, range(6), tmp_path / "bf16", **kw)
+        ev.generate_samples(ref, list(range(6)), tmp_path / "bf16", fp32, **kw)
     # a shard written before the precision field existed is a float32 shard: reused, not an error
     (path,) = (tmp_path / "fp32").glob("samples_*.npz")
     with np.load(path) as f:
@@ -386,7 +387,7 @@ def test_bf16_shards_record_their_precision_and_old_shards_count_as_fp32(runs, t
     del prov["precision"]
     arrays["provenance"] = np.array(json.dumps(prov, sort_keys=True))
     np.savez(path, **arrays)
-    again = ev.generate_samples(ref, range(6), tmp_path / "fp32", **kw)
+    again = ev.generate_samples(ref, list(range(6)), tmp_path / "fp32", fp32, **kw)
     assert (again.skipped, again.generated) == (1, 0) and np.array_equal(again.images, s32.images)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import lightning_repro.evaluate as ev
+import lightning_repro.evaluation as ev
 from lightning_repro.data import SubsetDataModule
 from lightning_repro.data.sources import float_to_uint8
 from lightning_repro.metrics import PixelDescriptor, rp_score
@@ -70,7 +70,7 @@ def _no_sampling(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the sampler was called although every shard was cached")
 
-    monkeypatch.setattr(ev, "sample", boom)
+    monkeypatch.setattr(ev.shards, "sample_seeds", boom)
 
 
 def _error(argv) -> str:
@@ -410,3 +410,175 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: checkpoint {tmp_path / 'missing.ckpt'} does not exist."
+
+
+# ----------------------------------------------------------------------------- reliability (#17)
+
+
+def _offline_hub(monkeypatch, hub: Path) -> None:
+    def offline(url, dst, *a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+
+def test_sscd_without_weights_fails_before_any_sampling(ckpts, tmp_path, monkeypatch):
+    _no_sampling(monkeypatch)
+    _offline_hub(monkeypatch, tmp_path / "hub")
+    out = tmp_path / "out"
+    msg = _error(["--pair", *ckpts, "--descriptor", "sscd", "--seeds", "0-3", "--out", str(out), "--no-wandb", *FAST])
+    assert "SSCD weights sscd_disc_large.torchscript.pt are not in the torch hub cache" in msg
+    assert not (out / "samples").exists()  # nothing was sampled
+
+
+def test_sha256_of_the_descriptor_is_checked_before_sampling(ckpts, tmp_path, monkeypatch):
+    _no_sampling(monkeypatch)
+    _offline_hub(monkeypatch, tmp_path / "hub")
+    fake = tmp_path / "hub" / "checkpoints" / "sscd_disc_large.torchscript.pt"
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"not the SSCD model")
+    base = ["--pair", *ckpts, "--seeds", "0-3", "--out", str(tmp_path / "out"), "--no-wandb", *FAST]
+    msg = _error([*base, "--descriptor", "sscd", "--sha256", "0" * 64])
+    assert f"have SHA-256 {file_sha256(fake)} but {'0' * 64} was expected (the sha256= you passed)" in msg
+    assert "--sha256 must be 64 hexadecimal digits" in _error([*base, "--sha256", "abc"])
+    assert "does not apply to the pixel descriptor" in _error([*base, "--descriptor", "pixel", "--sha256", "a" * 64])
+    assert not (tmp_path / "out" / "samples").exists()
+
+
+@pytest.mark.parametrize("flags", [["--sha256", "AB" * 32], ["--trust-descriptor"]])
+def test_descriptor_flags_reach_the_descriptor(ckpts, tmp_path, monkeypatch, flags):
+    import inspect
+
+    import lightning_repro.metrics as metrics
+    from lightning_repro.metrics.descriptors import SSCDDescriptor
+
+    seen = []
+
+    def record(name, **kwargs):
+        seen.append((name, kwargs))
+        raise ValueError("descriptor recorded.")
+
+    monkeypatch.setattr(metrics, "get_descriptor", record)
+    _no_sampling(monkeypatch)
+    _error(["--pair", *ckpts, "--descriptor", "sscd", "--out", str(tmp_path), *flags])
+    if flags[0] == "--sha256":
+        assert seen == [("sscd", {"sha256": "ab" * 32})]
+    else:  # wired once metrics.descriptors offers trust_unpinned
+        trust = "trust_unpinned" in inspect.signature(SSCDDescriptor.__init__).parameters
+        assert seen == [("sscd", {"trust_unpinned": True} if trust else {})]
+
+
+def test_out_that_is_not_a_folder_is_one_sentence(ckpts, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        for argv in (["sample", ckpts[0]], ["--pair", *ckpts, "--no-wandb"]):
+            msg = _error([*argv, "--seeds", "0-1", "--out", str(out), *FAST])
+            assert msg.startswith(f"error: --out {out} is not a writable folder (")
+    assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_unwritable_out_is_one_sentence(ckpts, tmp_path, monkeypatch):
+    out = tmp_path / "ro"
+    real = Path.write_bytes
+
+    def denied(self, data):  # as a read-only folder behaves for a non-root user
+        if out in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", denied)
+    _no_sampling(monkeypatch)
+    msg = _error(["sample", ckpts[0], "--seeds", "0-1", "--out", str(out), *FAST])
+    assert msg == f"error: --out {out} is not a writable folder (permission denied)."
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("victim", ["samples_000000-000003.npz", "results.json"])
+def test_full_disk_leaves_no_partial_file(ckpts, tmp_path, monkeypatch, victim):
+    import errno
+
+    real = Path.write_bytes
+
+    def full(self, data):  # half the bytes reach the disk, then ENOSPC
+        if self.name.startswith(f".{victim}.tmp"):
+            real(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    if victim == "results.json":
+        out = tmp_path / "pair"
+        argv = ["--pair", ckpts[0], "optimal:", "--seeds", "0-3", "--out", str(out), "--no-wandb", *FAST]
+        path = out / victim
+    else:
+        out = tmp_path / "sample"
+        argv = ["sample", ckpts[0], "--seeds", "0-3", "--out", str(out), *FAST]
+        path = out / victim
+    msg = _error(argv)
+    expected = f"could not write {path} (no space left on device); check that --out is writable and has free space."
+    assert msg == f"error: {expected}"
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.name == victim]
+    assert leftovers == [] and not path.exists()
+
+
+def test_rewritten_shard_is_resampled_in_a_cache_and_refused_as_a_model(ckpts, tmp_path, capsys):
+    out = tmp_path / "s"
+    ev.main(["sample", ckpts[0], "--seeds", "0-3", "--out", str(out), *FAST])
+    shard = out / "samples_000000-000003.npz"
+    with np.load(shard, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    good = arrays["images"].copy()
+    assert str(arrays["content_sha256"]) == ev.content_sha256(arrays)
+    arrays["images"] = 255 - arrays["images"]  # other content, same provenance and recorded hash: a valid zip
+    np.savez(shard, **arrays)
+    msg = _error(["--pair", str(shard), str(shard), "--out", str(tmp_path / "p"), "--no-wandb"])
+    assert f"sample file {shard} holds images, seeds or labels whose SHA-256 differs" in msg
+    capsys.readouterr()
+    ev.main(["sample", ckpts[0], "--seeds", "0-3", "--out", str(out), *FAST])
+    text = capsys.readouterr().out
+    assert "does not match the content SHA-256 it records" in text and "generated 1 shard(s)" in text
+    assert np.array_equal(np.load(shard, allow_pickle=False)["images"], good)
+
+
+def test_seeds_are_parsed_once_and_their_errors_are_one_sentence(ckpts, tmp_path, monkeypatch):
+    import lightning_repro.sampling.noise as noise
+
+    real, texts, downstream = noise.parse_seeds, [], []
+
+    def at_cli(seeds):
+        texts.append(seeds)
+        return real(seeds)
+
+    def below(seeds):
+        downstream.append(type(seeds))
+        return real(seeds)
+
+    monkeypatch.setattr(ev.cli, "parse_seeds", at_cli)
+    monkeypatch.setattr(noise, "parse_seeds", below)
+    ev.main(["--pair", ckpts[0], "optimal:", "--seeds", "0-3,7", "--out", str(tmp_path), "--no-wandb", *FAST])
+    assert texts == ["0-3,7"] and str not in downstream  # below the CLI only parsed lists are passed on
+    assert "Invalid seeds '5-'" in _error(["--pair", *ckpts, "--seeds", "5-", "--out", str(tmp_path)])
+
+    def refuse(seeds):  # a refusal sentence of the seed parser (e.g. a range too large) reaches the user as is
+        raise ValueError(f"Invalid seeds {seeds!r} (the range holds 10^12 seeds): expected fewer.")
+
+    monkeypatch.setattr(ev.cli, "parse_seeds", refuse)
+    for argv in (["sample", ckpts[0]], ["--pair", *ckpts]):
+        msg = _error([*argv, "--seeds", "0-999999999999", "--out", str(tmp_path)])
+        assert msg == "error: Invalid seeds '0-999999999999' (the range holds 10^12 seeds): expected fewer."
+
+
+def test_a_new_kind_of_reference_is_one_registered_class(sampled, monkeypatch):
+    monkeypatch.setitem(ev.REFERENCES, "dummy", None)  # the registration below is undone after the test
+
+    @ev.register_reference("dummy")
+    class Dummy(ev.SamplesReference):
+        pass
+
+    ref = ev.resolve_model(f"dummy:{sampled}")
+    assert type(ref) is Dummy and ref.kind == "dummy" and ref.stored is not None and len(ref.stored.seeds) >= 12
+    explicit = ev.resolve_model(f"samples:{sampled}")
+    assert type(explicit) is ev.SamplesReference and explicit.sha256 == ref.sha256
+    assert type(ev.resolve_model(str(sampled))) is ev.SamplesReference

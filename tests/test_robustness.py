@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-import lightning_repro.evaluate as ev
+import lightning_repro.evaluation as ev
 from lightning_repro.data import SubsetDataModule, get_source
 from lightning_repro.module import EDM, load_denoiser
 

@@ -4,11 +4,16 @@
 starts from ``x_T = kernel.prior_scale * z`` in the EDM variable (VE / EDM: ``sigma_max * z``; VP and
 sub-VP: ``z`` in their own variable, i.e. ``z / s(T)``; Song et al. 2021, Karras et al. 2022) and runs a
 deterministic solver of the probability-flow ODE on a sigma grid.  Every model compared in a study is
-sampled this way from the same seeds, so outputs are compared seed by seed.
+sampled this way from the same seeds, so outputs are compared seed by seed.  (Design decision since
+DESIGN.md's first version: the start is always ``x_T = kernel.prior_scale * z`` in the EDM variable, so one
+sampler serves every kernel, network and closed-form denoiser.)
 
 ``precision="bf16"`` runs every network evaluation under ``torch.autocast(bfloat16)`` (``AutocastDenoiser``)
 while the solver's state and arithmetic stay in ``dtype`` (float32): the speed of bf16 tensor cores with
 a float32 ODE integration.  bf16 samples differ from float32 ones by the network's round-off.
+
+``sample_seeds(denoiser, kernel, seeds, shape, SolverConfig(...))`` is the same for an already parsed seed list
+and one options object (what ``evaluation.shards`` calls); all entry points share one batch loop.
 
 ``sample_from_noise(denoiser, kernel, z, ...)`` does the same from explicit standard-normal noise ``z`` (e.g.
 points of a plane through three seeds' noises, ``studies.hyperplane``), starting from ``kernel.prior_scale * z``.
@@ -21,6 +26,7 @@ See ``noise`` (seed_noise, parse_seeds), ``grids`` (get_sigmas) and ``solvers`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +43,8 @@ __all__ = [
     "parse_seeds",
     "sample",
     "sample_from_noise",
+    "sample_seeds",
+    "SolverConfig",
     "get_sigmas",
     "get_sampler",
     "guided",
@@ -120,6 +128,23 @@ def _labels_for(labels, n: int, denoiser=None) -> Tensor | None:
     return labels
 
 
+@dataclass(frozen=True)
+class SolverConfig:
+    """Everything a deterministic sampling run needs besides the denoiser, kernel, noise and labels."""
+
+    sampler: str = "heun"  # one of SAMPLERS
+    steps: int = 18  # non-zero noise levels of the grid
+    grid: str | None = None  # one of GRIDS; None: logsnr for DPM-Solver++, else the kernel's native grid
+    guidance: float = 1.0  # classifier-free guidance weight (needs labels when != 1)
+    batch_size: int = 256
+    precision: str = "fp32"  # fp32 | bf16 | fp16: network evaluations under autocast, the solver in ``dtype``
+    dtype: torch.dtype = torch.float32  # of x_T, the solver state and the result
+    sigma_min: float | None = None  # shape non-native grids
+    sigma_max: float | None = None
+    rho: float = 7.0
+    opts: dict = field(default_factory=dict)  # to the sampler (e.g. order, lower_order_final, rtol, atol)
+
+
 def sample(
     denoiser,
     kernel: Kernel | str,
@@ -147,41 +172,42 @@ def sample(
       depends only on ``seeds[i]`` (and its label), never on ``batch_size`` (up to float round-off of
       the network on different batch shapes).
     * ``x_T = kernel.prior_scale * seed_noise(seeds, shape)``.
-    * ``sampler``: one of ``SAMPLERS`` (``euler``/``ddim``, ``heun``, ``dpmpp``/``dpmpp_2m``, ``dpmpp_3m``,
-      ``ode``); ``steps`` non-zero noise levels then 0 (heun: ``2 steps - 1`` evaluations; ``ode`` is
-      adaptive and only uses the grid's ends).
-    * ``grid``: one of ``GRIDS``; default ``"native"`` (the kernel's own grid — EDM's is the rho-grid)
-      and ``"logsnr"`` for DPM-Solver++.  ``sigma_min`` / ``sigma_max`` / ``rho`` shape non-native grids.
-    * ``labels``: one class for all seeds or one per seed (int64; -1 = unconditional); ``guidance`` is the
-      classifier-free guidance weight (needs labels when != 1).
-    * ``device``: default the denoiser's parameter device (CPU for plain callables); ``dtype`` of ``x`` and of the result.
-    * ``precision``: ``"fp32"`` (default) or ``"bf16"`` / ``"fp16"``: network evaluations under autocast, the
-      solver in ``dtype`` (see ``AutocastDenoiser``).
-    * ``stats``: a dict that receives ``nfe`` (evaluations per sample, max over batches) and ``calls``.
-    * ``opts`` go to the sampler (e.g. ``order``, ``lower_order_final``, ``rtol``, ``atol``).
+    * the other options are those of ``SolverConfig``; ``device``: default the denoiser's parameter device
+      (CPU for plain callables); ``stats``: a dict that receives ``nfe`` (evaluations per sample, max over
+      batches), ``calls`` and ``sigmas``; ``opts`` go to the sampler.
 
     Runs under ``torch.inference_mode()`` in batches of ``batch_size``.
     """
-    seeds = parse_seeds(seeds)
+    config = SolverConfig(sampler, steps, grid, guidance, batch_size, precision, dtype, sigma_min, sigma_max, rho, opts)
+    return sample_seeds(denoiser, kernel, parse_seeds(seeds), shape, config, labels, device, progress, stats)
+
+
+def sample_seeds(denoiser, kernel: Kernel | str, seeds: list[int], shape: Sequence[int], config: SolverConfig,
+                 labels=None, device=None, progress: bool = False, stats: dict | None = None,
+                 callback=None) -> Tensor:
+    """``sample`` for already parsed ``seeds`` (a list of ints) and a ``SolverConfig``; ``callback(n)`` is
+    called after each batch of ``n`` samples."""
     return _sample_batches(
-        denoiser, kernel, len(seeds), lambda a, b, dev: seed_noise(seeds[a:b], shape, device=dev, dtype=dtype),
-        sampler, steps, labels, grid, guidance, batch_size, device, progress, dtype, precision, sigma_min, sigma_max,
-        rho, stats, **opts)
+        denoiser, kernel, len(seeds), lambda a, b, dev: seed_noise(seeds[a:b], shape, device=dev, dtype=config.dtype),
+        config, labels, device, progress, stats, callback)
 
 
-def _sample_batches(denoiser, kernel, n: int, noise_of, sampler, steps, labels, grid, guidance, batch_size, device,
-                    progress, dtype, precision, sigma_min, sigma_max, rho, stats, **opts) -> Tensor:
-    """The loop ``sample`` and ``sample_from_noise`` share: ``x_T = prior_scale * noise_of(start, end, device)``
-    batch by batch, the deterministic solver on one sigma grid, clamped results on the CPU."""
+def _sample_batches(denoiser, kernel, n: int, noise_of, config: SolverConfig, labels, device, progress, stats,
+                    callback=None) -> Tensor:
+    """The loop every entry point shares: ``x_T = prior_scale * noise_of(start, end, device)`` batch by batch,
+    the deterministic solver on one sigma grid, clamped results on the CPU."""
     kernel = get_kernel(kernel)
-    solver = get_sampler(sampler)
-    _, amp_dtype = autocast_dtype(precision)
+    solver = get_sampler(config.sampler)
+    _, amp_dtype = autocast_dtype(config.precision)
+    batch_size = config.batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    grid = config.grid
     if grid is None:
-        key = str(sampler).lower().replace("-", "_").replace("++", "pp")
-        grid = DEFAULT_GRID.get(key, "native") if isinstance(sampler, str) else "native"
-    sigmas = get_sigmas(grid, steps, kernel, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+        key = str(config.sampler).lower().replace("-", "_").replace("++", "pp")
+        grid = DEFAULT_GRID.get(key, "native") if isinstance(config.sampler, str) else "native"
+    sigmas = get_sigmas(grid, config.steps, kernel, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
+                        rho=config.rho)
     device = torch.device(device) if device is not None else _default_device(denoiser)
     all_labels = _labels_for(labels, n, denoiser)
     if amp_dtype is not None:
@@ -190,7 +216,7 @@ def _sample_batches(denoiser, kernel, n: int, noise_of, sampler, steps, labels, 
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"sampling ({sampler}, {steps} steps)", unit="batch")
+        batches = tqdm(batches, desc=f"sampling ({config.sampler}, {config.steps} steps)", unit="batch")
     out, nfe, calls = [], 0, 0
     with torch.inference_mode():
         for start in batches:
@@ -198,9 +224,11 @@ def _sample_batches(denoiser, kernel, n: int, noise_of, sampler, steps, labels, 
             x_T = kernel.prior_scale * noise_of(start, end, device)
             lab = None if all_labels is None else all_labels[start:end].to(device)
             st: dict = {}
-            x0 = solver(denoiser, x_T, sigmas, lab, guidance=guidance, stats=st, **opts)
+            x0 = solver(denoiser, x_T, sigmas, lab, guidance=config.guidance, stats=st, **config.opts)
             out.append(x0.clamp(-1, 1).to("cpu"))
             nfe, calls = max(nfe, st.get("nfe", 0)), calls + st.get("calls", 0)
+            if callback is not None:
+                callback(end - start)
     if stats is not None:
         stats.update(nfe=nfe, calls=calls, sigmas=sigmas)
     return torch.cat(out)
@@ -234,6 +262,6 @@ def sample_from_noise(
     """
     if not isinstance(z, Tensor) or z.ndim < 2 or z.shape[0] < 1 or not z.is_floating_point():
         raise ValueError("z must be a float tensor of shape (B, *image_shape) with B >= 1.")
-    return _sample_batches(
-        denoiser, kernel, z.shape[0], lambda a, b, dev: z[a:b].to(device=dev, dtype=dtype), sampler, steps, labels,
-        grid, guidance, batch_size, device, progress, dtype, precision, sigma_min, sigma_max, rho, stats, **opts)
+    config = SolverConfig(sampler, steps, grid, guidance, batch_size, precision, dtype, sigma_min, sigma_max, rho, opts)
+    return _sample_batches(denoiser, kernel, z.shape[0], lambda a, b, dev: z[a:b].to(device=dev, dtype=dtype), config,
+                           labels, device, progress, stats)

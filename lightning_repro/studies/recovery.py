@@ -16,7 +16,7 @@ For every training-set size N:
 Student and baseline are initialised with the same weight seed (``train.seed + 1``), the teacher with
 ``train.seed``, so both differ from the teacher in their initial weights and their training data only.
 
-All three are then compared with the real ``evaluate.py --pair`` path (``lightning_repro.evaluate.main``):
+All three are then compared with the real ``evaluate.py --pair`` path (``lightning_repro.evaluation.main``):
 RP(teacher, student) and RP(teacher, baseline) from the same evaluation seeds (Sec. 2.1), MAE, and GL of each
 model against its own training set (``--gl``).  The paper's claim: the student recovers the teacher,
 RP(teacher, student) > RP(teacher, baseline).
@@ -269,7 +269,7 @@ def _check(cfg: dict[str, Any]) -> None:
 
 
 def _evaluate_pair(a: str, b: str, out: Path, seeds: list[int], cfg: dict[str, Any], device: torch.device):
-    from .. import evaluate
+    from .. import evaluation as evaluate
 
     argv = ["--pair", a, b, "--seeds", _seed_text(seeds), "--sampler", str(cfg["sample"]["sampler"]),
             "--steps", str(int(cfg["sample"]["steps"])), "--descriptor", str(cfg["metrics"]["descriptor"]),
@@ -285,7 +285,7 @@ def _evaluate_pair(a: str, b: str, out: Path, seeds: list[int], cfg: dict[str, A
 def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Train (or load) teacher, baseline and student for every N, evaluate both pairs, write CSV / PNG / W&B."""
     from ..data import get_source
-    from ..evaluate import load_samples
+    from ..evaluation import load_samples
 
     _check(cfg)
     out, device = prepare_output(cfg)
