@@ -6,7 +6,6 @@ the commands and files; bad input ends in one sentence ``error: ...`` and exit s
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import sys
 from collections.abc import Sequence
@@ -81,17 +80,13 @@ def _seed_list(seeds: list[int] | None, refs: Sequence[Reference]) -> list[int]:
 def _descriptor(args, shape: Sequence[int], log) -> tuple[str, Any, float]:
     """(name, descriptor, threshold), built before any sampling so missing or unverified weights fail first."""
     from ..metrics import get_descriptor
-    from ..metrics.descriptors import SSCDDescriptor
 
     name, why = choose_descriptor(args.descriptor, shape)
     kwargs: dict[str, Any] = {}
     if name.lower() != "pixel":
         if args.sha256 is not None:
             kwargs["sha256"] = args.sha256.lower()
-        if (
-            args.trust_descriptor
-            and "trust_unpinned" in inspect.signature(SSCDDescriptor.__init__).parameters
-        ):
+        if args.trust_descriptor:
             kwargs["trust_unpinned"] = True
     elif args.sha256 is not None:
         raise ValueError("--sha256 pins the SSCD weights file; it does not apply to the pixel descriptor.")
