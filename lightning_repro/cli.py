@@ -219,8 +219,8 @@ def _make_root(root: str | os.PathLike) -> None:
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"--trainer.default_root_dir {root} cannot be created: {err.strerror or err} "
-                         f"({err.filename or root}).") from None
+        at = f" (at {err.filename})" if err.filename and str(err.filename) != str(root) else ""
+        raise ValueError(f"--trainer.default_root_dir {root} cannot be created: {err.strerror or err}{at}.") from None
     if not os.access(root, os.W_OK | os.X_OK):
         raise ValueError(f"--trainer.default_root_dir {root} is not writable.")
 

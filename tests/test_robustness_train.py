@@ -159,20 +159,20 @@ def test_root_dir_under_a_file_is_one_sentence(cli_env):
     (cli_env / "file").write_text("")
     root = cli_env / "file" / "run"
     message = run_main([*ARGS, "--trainer.default_root_dir", str(root)])
-    assert message == (f"error: --trainer.default_root_dir {root} cannot be created: Not a directory "
-                       f"({root}).")
+    assert message == f"error: --trainer.default_root_dir {root} cannot be created: Not a directory."
 
 
 def test_unwritable_root_dir_is_one_sentence(cli_env, monkeypatch):
     """Permission errors, simulated (the tests may run as root, who may write anywhere)."""
     root = cli_env / "locked" / "run"
 
-    def refuse(self, *args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    def refuse(self, *args, **kwargs):  # as if "locked" could not be written to
+        raise PermissionError(errno.EACCES, "Permission denied", str(root.parent))
 
     monkeypatch.setattr(Path, "mkdir", refuse)
     message = run_main([*ARGS, "--trainer.default_root_dir", str(root)])
-    assert message == f"error: --trainer.default_root_dir {root} cannot be created: Permission denied ({root})."
+    assert message == (f"error: --trainer.default_root_dir {root} cannot be created: Permission denied "
+                       f"(at {root.parent}).")
     monkeypatch.undo()
     root.mkdir(parents=True)
     access = cli.os.access
