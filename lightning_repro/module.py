@@ -577,8 +577,9 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, pickle errors, ...
+        reason = (str(err).splitlines() or [""])[0].split(". ")[0].rstrip(".")  # torch's first sentence
         raise ValueError(f"checkpoint {path} could not be read (truncated or not a lightning_repro checkpoint?): "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+                         f"{type(err).__name__}: {reason}.") from None
     if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"checkpoint {path} was not written by lightning_repro's DiffusionModule "
                          f"(no '{CKPT_KEY}' metadata).")

@@ -43,10 +43,14 @@ def ema(module):
 
 @pytest.fixture(scope="module")
 def dit_ckpt(tmp_path_factory) -> Path:
-    """A one-step checkpoint of another architecture (DiT) than the command line configures (EDM)."""
+    """A one-step checkpoint of another architecture (DiT) than the command line configures (EDM), with the
+    ``_class_path`` hyperparameter a ``train.py fit`` run stores (which Lightning's CLI would adopt)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("dit")
     fit(DiT(patch_size=4, hidden_size=16, depth=1, num_heads=1), root, 1, save=root / "dit.ckpt")
+    ckpt = torch.load(root / "dit.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["_class_path"] = "lightning_repro.module.DiT"
+    torch.save(ckpt, root / "dit.ckpt")
     return root / "dit.ckpt"
 
 
@@ -148,8 +152,9 @@ def test_truncated_ckpt_path_is_one_sentence(rgb_ckpt, cli_env):
     cut = cli_env / "cut.ckpt"
     cut.write_bytes(rgb_ckpt.read_bytes()[:3000])
     message = run_main([*ARGS, "--trainer.default_root_dir", str(cli_env / "r"), "--ckpt_path", str(cut)])
-    assert message.startswith(f"error: --ckpt_path: checkpoint {cut} could not be read (truncated or not a "
-                              f"lightning_repro checkpoint?): "), message
+    assert message == (f"error: --ckpt_path: checkpoint {cut} could not be read (truncated or not a lightning_repro "
+                       f"checkpoint?): RuntimeError: PytorchStreamReader failed reading zip archive: failed finding "
+                       f"central directory.")
     message = run_main([*ARGS, "--trainer.default_root_dir", str(cli_env / "r"), "--ckpt_path",
                         str(cli_env / "none.ckpt")])
     assert message == f"error: --ckpt_path: checkpoint {cli_env / 'none.ckpt'} does not exist."
