@@ -44,7 +44,7 @@ import copy
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,7 @@ class DiffusionModule(L.LightningModule):
             torch.random.default_generator.manual_seed(seed)
             if accel:
                 backend = getattr(torch, device.type)
-                with backend.device(device):
+                with backend.device(device) if hasattr(backend, "device") else nullcontext():
                     backend.manual_seed(seed)  # this rank's device only (torch.manual_seed would seed them all)
             yield
 
