@@ -230,3 +230,17 @@ def test_os_error_without_a_path_keeps_its_traceback(cli_env, monkeypatch):
     monkeypatch.setattr(cli.ReproCLI, "before_fit", broken)
     with pytest.raises(OSError, match="Input/output error"):
         cli.main([*ARGS, "--trainer.default_root_dir", str(cli_env / "r")])
+
+
+def test_resume_checks_classes_and_metadata(rgb_ckpt):
+    """Unit level: a class-conditional checkpoint into an unconditional model; a checkpoint of another module."""
+    meta = torch.load(rgb_ckpt, weights_only=True)["lightning_repro"]
+    with pytest.raises(ValueError) as exc:
+        EDM(**NET, image_shape=(3, 8, 8), num_classes=10).on_load_checkpoint({"lightning_repro": meta})
+    assert str(exc.value) == ("ckpt_path checkpoint was trained with num_classes 0, but this model has 10 (from the "
+                              "data module); resuming needs the same data shape.")
+    with pytest.raises(ValueError) as exc:
+        EDM(**NET).on_load_checkpoint({"state_dict": {}})
+    assert str(exc.value) == ("ckpt_path checkpoint was not written by lightning_repro's DiffusionModule (no "
+                              "'lightning_repro' metadata).")
+    EDM(**NET, image_shape=(3, 8, 8)).on_load_checkpoint({"lightning_repro": meta})  # the same model: accepted
