@@ -7,6 +7,10 @@ Adds to Lightning's CLI (https://lightning.ai/docs/pytorch/stable/cli/lightning_
 * ``checkpoint``: periodic checkpoints every K steps plus ``last.ckpt`` under
   ``<default_root_dir>/checkpoints`` (so ``--ckpt_path last`` finds them whatever the logger);
 * ``final_samples``: at the end of ``fit`` the EMA model samples a grid and its path is printed;
+* ``--ckpt_path FILE`` resumes the *configured* model (Lightning would adopt the checkpoint's hyperparameters,
+  another architecture included): the file must be a readable lightning_repro checkpoint that fits it;
+* ``config.yaml`` is written atomically (temp file + rename): a full disk leaves no partial file;
+* bad input (a bad option value, an unreadable file, a folder that cannot be written) is one ``error:`` line.
 * W&B is the default logger; with no API key it runs offline, never prompts and never uploads
   checkpoints; the run config carries ``arch, kernel, size, subset_seed, seed`` and the W&B group is the
   experiment name (the config file's stem unless ``--trainer.logger.init_args.group`` says otherwise).
@@ -16,21 +20,24 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import warnings
 from argparse import ArgumentError
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from .data import SubsetDataModule
 from .kernels import get_kernel
-from .module import ARCHS, DiffusionModule
+from .module import ARCHS, DiffusionModule, load_checkpoint
 
-__all__ = ["ReproCLI", "ReproWandbLogger", "RunCheckpoint", "FinalSamples", "main", "wandb_offline"]
+__all__ = ["ReproCLI", "ReproWandbLogger", "RunCheckpoint", "FinalSamples", "AtomicSaveConfig", "main",
+           "wandb_offline", "write_atomic"]
 
 
 def wandb_offline() -> bool:
@@ -109,6 +116,56 @@ class FinalSamples(Callback):
               f"samples: {self.grid_path} | checkpoint: {ckpt}", flush=True)
 
 
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temp file next to ``path``, which is then renamed to ``path``; on failure the temp file
+    is removed, ``path`` is left as it was and an ``OSError`` names ``path``."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+class _AtomicSaveParser:
+    """The CLI's parser, whose ``save`` goes through ``write_atomic``."""
+
+    def __init__(self, parser):
+        self._parser = parser
+
+    def __getattr__(self, name):
+        return getattr(self._parser, name)
+
+    def save(self, cfg, path, **kwargs):
+        write_atomic(path, lambda tmp: self._parser.save(cfg, tmp, **{**kwargs, "overwrite": True}))
+
+
+class AtomicSaveConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` writer, atomic: a full disk or a kill leaves the old file or none, never a part."""
+
+    def __init__(self, parser, config, *args, **kwargs):
+        super().__init__(_AtomicSaveParser(parser), config, *args, **kwargs)
+
+
+def _check_resume_file(path: str | os.PathLike) -> None:
+    """One sentence unless ``path`` is a readable lightning_repro checkpoint (tensors mapped, not read)."""
+    try:
+        load_checkpoint(path, mmap=True)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--ckpt_path: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"--ckpt_path: {err}") from None
+
+
 class ReproCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -127,8 +184,8 @@ class ReproCLI(LightningCLI):
         if init is not None and init.get("kernel") is not None:  # one sentence instead of a validation dump
             get_kernel(init.kernel, **(init.get("kernel_kwargs") or {}))
         root = cfg.trainer.default_root_dir or os.getcwd()
+        _make_root(root)
         os.environ.setdefault("WANDB_DIR", str(root))
-        Path(root).mkdir(parents=True, exist_ok=True)
         if "checkpoint" in cfg and cfg.checkpoint.dirpath is None:  # fixed before fit so --ckpt_path last finds it
             cfg.checkpoint.dirpath = os.path.join(str(root), "checkpoints")
         logger = cfg.trainer.logger
@@ -138,10 +195,34 @@ class ReproCLI(LightningCLI):
                 files = cfg.get("config") or []
                 init.group = Path(str(files[-1])).stem if files else "default"
 
+    def _parse_ckpt_path(self) -> None:
+        """Check an explicit ``--ckpt_path`` file; unlike Lightning's version, adopt none of its hyperparameters:
+        the configuration stays what is trained and ``DiffusionModule.on_load_checkpoint`` checks the file fits it."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path and str(path) not in ("last", "best", "hpc") and not str(path).startswith("registry"):
+            _check_resume_file(path)
+
     def before_fit(self):
+        cb = self.trainer.checkpoint_callback
+        if self.config[self.subcommand].get("ckpt_path") == "last" and cb is not None and cb.dirpath:
+            last = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+            if last.is_file():
+                _check_resume_file(last)
         logger = self.trainer.logger
         if logger is not None:
             logger.log_hyperparams(self.model.run_config(self.datamodule))
+
+
+def _make_root(root: str | os.PathLike) -> None:
+    """Create ``--trainer.default_root_dir`` (one sentence if it cannot be created or written to)."""
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        at = f" (at {err.filename})" if err.filename and str(err.filename) != str(root) else ""
+        raise ValueError(f"--trainer.default_root_dir {root} cannot be created: {err.strerror or err}{at}.") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ValueError(f"--trainer.default_root_dir {root} is not writable.")
 
 
 def _check_arch(argv: list[str]) -> None:
@@ -180,12 +261,17 @@ def main(argv: list[str] | None = None) -> ReproCLI | None:
                 "num_sanity_val_steps": 0,
                 "log_every_n_steps": 10,
             },
+            save_config_callback=AtomicSaveConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
             args=argv,
         )
     except (ValueError, FileNotFoundError, ArgumentError) as err:  # bad input: one sentence, no stack trace
         raise SystemExit(f"error: {_condense(str(err))}") from None
+    except OSError as err:  # a file or folder the run cannot use; one with no path to name keeps its traceback
+        if err.filename is None:
+            raise
+        raise SystemExit(f"error: {err.filename}: {err.strerror or err}.") from None
 
 
 def _condense(message: str) -> str:
@@ -193,11 +279,16 @@ def _condense(message: str) -> str:
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     for i, ln in enumerate(lines):
         if ln.startswith("- ") and "Expected a <class 'NoneType'>" not in ln:
-            ln = ln[2:]
-            return f"{ln} {lines[i + 1]}" if ln.endswith(":") and i + 1 < len(lines) else ln
-    if lines and lines[0].endswith(":") and len(lines) > 1:
-        return f"{lines[0]} {lines[1]}"
-    return lines[0] if lines else "invalid arguments (see --help)."
+            return _with_reason(lines, i, ln[2:])
+    return _with_reason(lines, 0, lines[0]) if lines else "invalid arguments (see --help)."
+
+
+def _with_reason(lines: list[str], i: int, text: str) -> str:
+    """``text`` (line ``i``) followed by the lines it introduces (``Parser key "lr":`` -> ``Expected a float ...``)."""
+    while text.endswith(":") and i + 1 < len(lines) and not lines[i + 1].startswith("- "):
+        i += 1
+        text = f"{text} {lines[i]}"
+    return text
 
 
 if __name__ == "__main__":

@@ -7,13 +7,17 @@ sampling and evaluation.  Presets (DESIGN.md): ``DDPM`` (Ho et al. 2020 U-Net), 
 Song et al. 2021 as in Karras et al. 2022), ``UViT`` (Bao et al. 2023) and ``DiT`` (Peebles & Xie 2023),
 each with any kernel: ``vp``, ``vp_discrete``, ``subvp``, ``ve``, ``edm``.
 
-The training noise of step ``k`` is a function of ``(seed, k)`` and the sample's position in the *global*
-batch: every rank draws the noise of the whole global batch (``batch_size * world_size`` rows) from a
-generator seeded by ``(seed, k)`` and keeps its own rows ``[rank * batch_size, (rank + 1) * batch_size)``,
-the rows of the images ``SubsetDataModule`` serves it.  So a resumed run (``--ckpt_path last``) repeats
-exactly what an uninterrupted one does, and a DDP run on ``W`` ranks with ``batch_size = B / W`` follows the
-trajectory of one process with ``batch_size = B`` (the DDP gradient is the mean of the ranks' means, i.e.
-the global mean) up to float round-off — dropout masks excepted, which are drawn per rank.
+The training draws of step ``k`` are functions of ``(seed, k)``: every rank draws sigma and the noise of the
+whole global batch (``batch_size * world_size`` rows) from a generator seeded by ``(seed, k)`` and keeps its own
+rows ``[rank * batch_size, (rank + 1) * batch_size)``, the rows of the images ``SubsetDataModule`` serves it;
+dropout draws from the default generators, which each step seeds from ``(seed, k, rank)`` inside a fork of the
+global RNG (``dropout_seed``, ``seeded_rng``: nothing outside the step is disturbed).  So a resumed run
+(``--ckpt_path last``) repeats exactly what an uninterrupted one does, dropout on or off, and a DDP run on ``W``
+ranks with ``batch_size = B / W`` follows the trajectory of one process with ``batch_size = B`` (the DDP gradient
+is the mean of the ranks' means, i.e. the global mean) up to float round-off — dropout masks excepted, which are
+drawn per rank (a mask is one draw for the rank's whole batch).  A resumed checkpoint must hold the configured
+architecture, network settings, image shape, classes, kernel and preconditioning (``check_compatible``, the
+check ``init_from`` makes too), else one sentence.
 
 Fine-tuning (Zhang et al. 2024, Sec. 4.3 / Fig. 11 / App. G: attention-only fine-tuning of a pretrained model).
 ``init_from`` names a lightning_repro checkpoint of the same architecture; its *EMA* weights initialise both the
@@ -40,6 +44,7 @@ import copy
 import hashlib
 import json
 import os
+from contextlib import contextmanager, nullcontext
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -154,6 +159,26 @@ class DiffusionModule(L.LightningModule):
         g.manual_seed((int(self.hparams.seed) * 1_000_003 + int(step)) * 1009)
         return g
 
+    def dropout_seed(self, step: int, rank: int = 0) -> int:
+        """Seed of the dropout masks of global step ``step`` on rank ``rank``: a hash of ``(seed, step, rank)``."""
+        key = f"dropout:{int(self.hparams.seed)}:{int(step)}:{int(rank)}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+    @staticmethod
+    @contextmanager
+    def seeded_rng(seed: int, device: torch.device):
+        """The block runs with the CPU generator and ``device``'s default generator seeded by ``seed``; both are
+        restored afterwards (``torch.random.fork_rng``), so the program's other draws are untouched."""
+        device = torch.device(device)
+        accel = device.type != "cpu"
+        with torch.random.fork_rng(devices=[device] if accel else [], device_type=device.type if accel else "cuda"):
+            torch.random.default_generator.manual_seed(seed)
+            if accel:
+                backend = getattr(torch, device.type)
+                with backend.device(device) if hasattr(backend, "device") else nullcontext():
+                    backend.manual_seed(seed)  # this rank's device only (torch.manual_seed would seed them all)
+            yield
+
     def rank_and_world(self) -> tuple[int, int]:
         """``(global_rank, world_size)`` of the trainer (``(0, 1)`` outside one)."""
         if self._trainer is None:
@@ -194,9 +219,12 @@ class DiffusionModule(L.LightningModule):
                 raise ValueError("the model is class-conditional but the data module serves no labels "
                                  "(set data.conditional: true).")
             self._labels_checked = True
+        rank, world = self.rank_and_world()
         g = self.step_generator(self.global_step, x0.device)
-        sigma, noise, labels = self.draw_noise(x0, labels, g, *self.rank_and_world())
-        loss = self.loss_fn(x0, labels, sigma, noise)
+        sigma, noise, labels = self.draw_noise(x0, labels, g, rank, world)
+        # dropout masks are drawn in the forward pass (the backward pass reuses them): seeded by (seed, step, rank)
+        with self.seeded_rng(self.dropout_seed(self.global_step, rank), x0.device):
+            loss = self.loss_fn(x0, labels, sigma, noise)
         # logged: the global-batch loss (mean over ranks; a no-op on one device), the one DDP optimises
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
@@ -345,14 +373,17 @@ class DiffusionModule(L.LightningModule):
         n, m = self.parameter_counts()
         return f"trainable {n:,} / total {m:,} parameters ({100.0 * n / max(m, 1):.2f}%)"
 
-    def _check_init_compatible(self, meta: dict[str, Any], path: str) -> None:
-        """One sentence unless the checkpoint is the same architecture, network config, kernel and preconditioning."""
+    def check_compatible(self, meta: dict[str, Any], path: str, what: str = "init_from") -> None:
+        """One sentence unless checkpoint ``path`` (metadata ``meta``) holds the same architecture, network settings
+        (but ``init_free_keys``), kernel and preconditioning; ``what="ckpt_path"`` (resuming) also needs the same
+        image shape and number of classes.  ``what`` names the option in the sentence."""
         cls = type(self)
         mine = f"{cls.__module__}.{cls.__qualname__}"
         theirs = str(meta.get("class_path", "?"))
+        needs = "init_from needs" if what == "init_from" else "resuming needs"
         if meta.get("arch") != self.arch or theirs.rsplit(".", 1)[-1] != cls.__qualname__:
-            raise ValueError(f"init_from {path} holds a {meta.get('arch')!r} model ({theirs}), but this model is "
-                             f"{self.arch!r} ({mine}); init_from needs a checkpoint of the same architecture.")
+            raise ValueError(f"{what} {path} holds a {meta.get('arch')!r} model ({theirs}), but this model is "
+                             f"{self.arch!r} ({mine}); {needs} a checkpoint of the same architecture.")
 
         def norm(v):
             return json.loads(json.dumps(v, default=str))  # tuples -> lists, as a config file would give them
@@ -362,13 +393,28 @@ class DiffusionModule(L.LightningModule):
         diffs = [f"{k}={norm(hp.get(k))!r} (this model: {norm(v)!r})" for k, v in net_cfg.items()
                  if k not in self.init_free_keys and norm(hp.get(k)) != norm(v)]
         if diffs:
-            raise ValueError(f"init_from {path} has a different {cls.__qualname__} network: {'; '.join(diffs)}; "
-                             f"init_from needs the same architecture settings.")
+            raise ValueError(f"{what} {path} has a different {cls.__qualname__} network: {'; '.join(diffs)}; "
+                             f"{needs} the same architecture settings.")
+        if what != "init_from":
+            for key, own in (("image_shape", list(self.image_shape)), ("num_classes", self.num_classes)):
+                if norm(meta.get(key)) != own:
+                    raise ValueError(f"{what} {path} was trained with {key} {norm(meta.get(key))!r}, but this model "
+                                     f"has {own!r} (from the data module); {needs} the same data shape.")
         for key, own in (("kernel", self.kernel.name), ("precond", self.precond_name)):
             if meta.get(key) != own:
-                raise ValueError(f"init_from {path} was trained with {key} {meta.get(key)!r}, but this model uses "
-                                 f"{own!r}; fine-tuning needs the same kernel and preconditioning (kernel_kwargs "
-                                 f"may differ).")
+                raise ValueError(f"{what} {path} was trained with {key} {meta.get(key)!r}, but this model uses "
+                                 f"{own!r}; {'fine-tuning' if what == 'init_from' else 'resuming'} needs the same "
+                                 f"kernel and preconditioning (kernel_kwargs may differ).")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming (``trainer.fit(ckpt_path=...)``): one sentence unless the checkpoint fits this model
+        (``check_compatible``), before Lightning loads its state dict (a page of size mismatches otherwise)."""
+        path = (getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None) or "checkpoint"
+        meta = checkpoint.get(CKPT_KEY)
+        if not isinstance(meta, dict):
+            raise ValueError(f"ckpt_path {path} was not written by lightning_repro's DiffusionModule "
+                             f"(no '{CKPT_KEY}' metadata).")
+        self.check_compatible(meta, str(path), what="ckpt_path")
 
     @torch.no_grad()
     def load_init_weights(self, path: str | os.PathLike | None = None) -> None:
@@ -384,7 +430,7 @@ class DiffusionModule(L.LightningModule):
             raise FileNotFoundError(f"init_from checkpoint {path} does not exist.") from None
         except ValueError as err:
             raise ValueError(f"init_from: {err}") from None
-        self._check_init_compatible(ckpt[CKPT_KEY], path)
+        self.check_compatible(ckpt[CKPT_KEY], path)
         state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
         own = self.ema.state_dict()
         shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -522,16 +568,18 @@ ARCHS: dict[str, type[DiffusionModule]] = {"ddpm": DDPM, "edm": EDM, "uvit": UVi
 
 
 # -- loading ------------------------------------------------------------------------------------
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``) with one clear sentence on failure."""
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``) with one clear sentence on failure (``mmap``: tensors are
+    mapped, not read, e.g. to check a file cheaply)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, pickle errors, ...
+        reason = (str(err).splitlines() or [""])[0].split(". ")[0].rstrip(".")  # torch's first sentence
         raise ValueError(f"checkpoint {path} could not be read (truncated or not a lightning_repro checkpoint?): "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+                         f"{type(err).__name__}: {reason}.") from None
     if not isinstance(ckpt, dict) or CKPT_KEY not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"checkpoint {path} was not written by lightning_repro's DiffusionModule "
                          f"(no '{CKPT_KEY}' metadata).")

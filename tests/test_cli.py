@@ -14,7 +14,7 @@ TINY = [
     "--config", "configs/experiments/digits_edm.yaml",
     "--model.init_args.kernel", "vp", "--model.init_args.model_channels", "16",
     "--model.init_args.channel_mult", "[1,2]", "--model.init_args.attn_resolutions", "[]",
-    "--model.init_args.dropout", "0.0", "--data.size", "64", "--data.batch_size", "16",
+    "--model.init_args.dropout", "0.1", "--data.size", "64", "--data.batch_size", "16",
     "--data.val_seeds", "4", "--model.init_args.val_steps", "3", "--trainer.val_check_interval", "25",
     "--checkpoint.every_n_train_steps", "25", "--final_samples.num_samples", "8", "--final_samples.steps", "3",
     "--trainer.enable_progress_bar", "false",
@@ -74,8 +74,9 @@ def test_resume_from_last_continues_with_identical_ema(full_run, tmp_path):
     step, resumed = ema_state(tmp_path / "run" / "checkpoints" / "last.ckpt")
     _, straight = ema_state(run / "checkpoints" / "last.ckpt")
     assert step == 50
-    for k in straight:  # same step, same data order, same noise: the same EMA as the uninterrupted run
-        assert torch.allclose(resumed[k], straight[k], atol=1e-6, rtol=0), k
+    # same step, same data order, same noise, same dropout masks (dropout 0.1): the EMA of the uninterrupted run
+    diff = max((resumed[k] - straight[k]).abs().max().item() for k in straight)
+    assert resumed.keys() == straight.keys() and diff <= 1e-6, diff
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -86,6 +87,8 @@ def test_resume_from_last_continues_with_identical_ema(full_run, tmp_path):
      "error: SongUNet: img_resolution 6 is not divisible by 4"),
     (["--data.source", "cifar10", "--data.source_kwargs.root", "{tmp}/nocifar"],
      "error: cifar10 was not found under {tmp}/nocifar/cifar-10-batches-py: extract"),
+    (["--model.init_args.lr", "abc"], "error: Problem with given class_path 'lightning_repro.module.EDM': "
+                                      "Parser key \"lr\": Expected a <class 'float'>. Got value: abc"),
 ])
 def test_bad_input_is_one_sentence(extra, message, tmp_path):
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
