@@ -155,3 +155,16 @@ def test_killed_study_takes_its_training_workers_with_it(tmp_path, sig):
         if study.poll() is None:
             study.kill()
     assert not list((tmp_path / "out" / "checkpoints").glob("*.ckpt"))  # killed long before the end
+
+
+def test_package_command_lists_and_runs_the_studies(capsys):
+    from lightning_repro.studies.__main__ import main
+
+    main([])
+    out = capsys.readouterr().out
+    assert all(s.command in out and s.title in out for s in STUDIES.values())
+    with pytest.raises(SystemExit, match=r"^error: unknown study 'fig99'; the studies are: "):
+        main(["fig99"])
+    with pytest.raises(SystemExit, match=r"^error: config file configs/experiments/inverse.yaml moved to "
+                                         r"configs/studies/inverse.yaml\.$"):
+        main(["inverse", "--config", "configs/experiments/inverse.yaml"])

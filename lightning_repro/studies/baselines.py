@@ -216,11 +216,10 @@ def plot(rows: list[dict[str, Any]], grids: dict[str, torch.Tensor], path: str |
 
 
 STUDY = Study(name=STUDY_NAME, module="baselines", paper="Fig. 3", title="GAN / VAE / diffusion RP", run=run,
-              columns=COLUMNS, quick=QUICK, replace=("families",), jobs=jobs, plot=plot)
+              columns=COLUMNS, quick=QUICK, replace=("families",), jobs=jobs, score=_score_family, plot=plot)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    return STUDY.main(argv)
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

@@ -317,11 +317,10 @@ def plot(
 
 
 STUDY = Study(name="conditional", module="conditional", paper="Fig. 8", title="conditional reproducibility",
-              run=run, columns=rp_columns([]), quick=QUICK, replace=("models",), jobs=jobs, plot=plot)
+              run=run, columns=rp_columns([]), quick=QUICK, replace=("models",), jobs=jobs, score=_rp_rows, plot=plot)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    return STUDY.main(argv)
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import scoring_steps as score
-from .outputs import finish, log, save_figure, write_csv
+from .outputs import finish, log, n_axis, save_figure, write_csv
 from .protocol import Study, config_key
 from .steps import (
     StudySetup,
@@ -192,7 +192,7 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     images = {"figure": png, **{f"samples_N{n}": st.out / "samples" / f"N{n}.png" for n in sizes},
               "samples_pretrained": st.out / "samples" / "pretrained.png"}
     summary = {f"rp_ft_vs_scratch_N{r['N']}": r["rp_ft_vs_scratch"] for r in rows}
-    csv_path = finish("fig11", cfg, rows, COLUMNS, "fig11.csv", images, summary, TABLE)
+    csv_path = finish("fig11", cfg, rows, COLUMNS, "fig11.csv", images, summary, TABLE)  # W&B group of earlier runs
     a, b = rows[0], rows[-1]
     log(f"fig11 done in {time.time() - t_start:.0f}s: {a['trainable_params']:,} / {a['total_params']:,} parameters "
         f"fine-tuned; N {a['N']}->{b['N']}: RP(ft, scratch) {a['rp_ft_vs_scratch']:.2f}->{b['rp_ft_vs_scratch']:.2f}, "
@@ -221,12 +221,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
     for ax, title, series in panels:
         for key, label, ls in series:
             ax.plot(ns, [r[key] for r in rs], marker="o", ls=ls, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("fine-tuning set size N")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        n_axis(ax, title, "fine-tuning set size N", legend_size=8)
     fig.suptitle(f"Fig. 11: attention-only fine-tuning vs training from scratch ({descriptor} descriptor, "
                  f"threshold {threshold:g})", fontsize=10)
     fig.tight_layout()
@@ -234,11 +229,10 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
 
 
 STUDY = Study(name="fig11_finetune", module="finetune", paper="Fig. 11", title="attention-only fine-tuning",
-              run=run, columns=COLUMNS, quick=QUICK, replace=("arch",), jobs=jobs, plot=plot)
+              run=run, columns=COLUMNS, quick=QUICK, replace=("arch",), jobs=jobs, score=_score_size, plot=plot)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    return STUDY.main(argv)
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

@@ -298,12 +298,10 @@ def plot(names: list[str], labels: dict[str, Tensor], anchor_images: dict[str, T
 
 
 STUDY = Study(name="hyperplane", module="hyperplane", paper="Fig. 7", title="noise-hyperplane maps", run=run,
-              columns=COLUMNS, quick=QUICK, replace=("models",), jobs=jobs, plot=plot)
+              columns=COLUMNS, quick=QUICK, replace=("models",), jobs=jobs, score=_map, plot=plot)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """``python -m lightning_repro.studies.hyperplane --config FILE [--out DIR] [--quick]``; returns the CSV rows."""
-    return STUDY.main(argv)
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

@@ -235,11 +235,10 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
 
 
 STUDY = Study(name="inverse", module="inverse", paper="Fig. 10", title="inverse problems, deterministic DPS",
-              run=run, columns=COLUMNS, quick=QUICK, replace=("models",), jobs=jobs, plot=plot)
+              run=run, columns=COLUMNS, quick=QUICK, replace=("models",), jobs=jobs, score=_score_mask, plot=plot)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    return STUDY.main(argv)
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import scoring_steps as score
-from .outputs import finish, log, save_figure, write_csv
+from .outputs import finish, log, n_axis, save_figure, write_csv
 from .protocol import Study, config_key
 from .steps import (
     StudySetup,
@@ -159,12 +159,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
             rs = sorted({r["N"]: r for r in rows}.values(), key=lambda r: r["N"])
             ax.plot([r["N"] for r in rs], [r["gl_optimal"] for r in rs], ls="--", color="grey",
                     label="optimal denoiser")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("training set size N")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        n_axis(ax, title)
     fig.suptitle(f"Fig. 4: memorization regime ({descriptor} descriptor, threshold {threshold:g})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -172,11 +167,10 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
 
 STUDY = Study(name="fig4_memorization", module="memorization", paper="Fig. 4",
               title="memorization: RP vs the optimal denoiser, GL vs N", run=run, columns=COLUMNS, quick=QUICK,
-              replace=("archs",), jobs=jobs, plot=plot)
+              replace=("archs",), jobs=jobs, score=_score_size, plot=plot)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    return STUDY.main(argv)
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

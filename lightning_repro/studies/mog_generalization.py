@@ -178,29 +178,14 @@ def plot(rows: list[dict[str, Any]], path: str | Path, shape=None) -> Path:
 
     mixes = list(dict.fromkeys((r["K"], r["d"]) for r in rows))
     per_sigma = [k for k in rows[0] if k.startswith("score_error_sigma")] if rows else []
-    fig, axes = plt.subplots(
-        1, 2 if per_sigma else 1, figsize=(10.4 if per_sigma else 5.2, 3.8), squeeze=False
-    )
+    fig, axes = plt.subplots(1, 2 if per_sigma else 1, figsize=(10.4 if per_sigma else 5.2, 3.8), squeeze=False)
     ax = axes[0, 0]
     for i, (K, d) in enumerate(mixes):
         rs = sorted((r for r in rows if (r["K"], r["d"]) == (K, d)), key=lambda r: r["N"])
-        c = f"C{i}"
-        ax.plot(
-            [r["N"] for r in rs],
-            [r["score_error"] for r in rs],
-            marker="o",
-            color=c,
-            label=f"model, K={K}, d={d}",
-        )
-        ax.plot(
-            [r["N"] for r in rs],
-            [r["score_error_empirical"] for r in rs],
-            ls="--",
-            marker=".",
-            color=c,
-            alpha=0.6,
-            label=f"empirical optimal, K={K}, d={d}",
-        )
+        ns = [r["N"] for r in rs]
+        ax.plot(ns, [r["score_error"] for r in rs], marker="o", color=f"C{i}", label=f"model, K={K}, d={d}")
+        ax.plot(ns, [r["score_error_empirical"] for r in rs], ls="--", marker=".", color=f"C{i}", alpha=0.6,
+                label=f"empirical optimal, K={K}, d={d}")
     ax.set_ylabel(r"$E_{\sigma, x}\,\|s_\theta - \nabla \log p_\sigma\|^2$")
     n = f"n = {math.prod(shape)}" if shape is not None else ""
     ax.set_title(f"score error, ln sigma ~ N(-1.2, 1.2^2) ({n})", fontsize=10)
@@ -210,14 +195,8 @@ def plot(rows: list[dict[str, Any]], path: str | Path, shape=None) -> Path:
         for i, (K, d) in enumerate(mixes):
             rs = sorted((r for r in rows if (r["K"], r["d"]) == (K, d)), key=lambda r: r["N"])
             for j, key in enumerate(per_sigma):
-                ax2.plot(
-                    [r["N"] for r in rs],
-                    [r[key] for r in rs],
-                    marker=".",
-                    color=f"C{j + 2}",
-                    ls=styles[i % len(styles)],
-                    label=f"sigma={key[len('score_error_sigma') :]}, K={K}, d={d}",
-                )
+                ax2.plot([r["N"] for r in rs], [r[key] for r in rs], marker=".", color=f"C{j + 2}",
+                         ls=styles[i % len(styles)], label=f"sigma={key[len('score_error_sigma') :]}, K={K}, d={d}")
         ax2.set_title("score error at fixed sigma (model)", fontsize=10)
     for i, a in enumerate(axes[0]):
         a.set_xscale("log", base=2)
@@ -231,11 +210,10 @@ def plot(rows: list[dict[str, Any]], path: str | Path, shape=None) -> Path:
 
 
 STUDY = Study(name="fig5_mog", module="mog_generalization", paper="Fig. 5", title="MoG score error vs N", run=run,
-              columns=BASE_COLUMNS, quick=QUICK, replace=("arch",), jobs=jobs, plot=plot)
+              columns=BASE_COLUMNS, quick=QUICK, replace=("arch",), jobs=jobs, score=_score_job, plot=plot)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    return STUDY.main(argv)
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

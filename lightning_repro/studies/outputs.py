@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["log", "atomic_bytes", "write_csv", "save_figure", "save_npz", "save_tensor", "format_table",
-           "log_study_to_wandb", "finish"]
+           "log_study_to_wandb", "finish", "n_axis"]
 
 
 def log(msg: str) -> None:
@@ -66,6 +66,16 @@ def save_tensor(obj: Any, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_bytes(path, buf.getvalue())
+
+
+def n_axis(ax, title: str, xlabel: str = "training set size N", legend_size: float | None = None) -> None:
+    """The x axis of a plot against the training-set size: log2 N, a [0, 1] score on y, grid and legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(**({} if legend_size is None else {"fontsize": legend_size}))
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

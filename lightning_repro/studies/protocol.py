@@ -110,6 +110,7 @@ class Study:
     quick: Mapping[str, Any] = field(default_factory=dict)  # --quick: tiny settings (for tests)
     replace: tuple[str, ...] = ()  # top-level keys a config replaces whole instead of merging
     jobs: Callable[..., Any] | None = None               # cfg, ... -> its TrainJobs
+    score: Callable[..., Any] | None = None              # the step that scores one unit of results (rows)
     plot: Callable[..., Any] | None = None               # rows, path, ... -> the PNG
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None  # the study's own flags
     dispatch: Callable[[dict[str, Any], argparse.Namespace], Any] | None = None  # replaces run when given

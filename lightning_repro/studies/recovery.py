@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .outputs import finish, log, save_figure, save_npz, write_csv
+from .outputs import finish, log, n_axis, save_figure, save_npz, write_csv
 from .protocol import Study, config_key
 from .steps import check_sizes, prepare_output, source_image_shape
 from .training import TrainJob, module_kwargs_from, run_training_jobs, study_job
@@ -278,11 +278,7 @@ def plot(rows: list[dict[str, Any]], grids: dict[int, dict[str, torch.Tensor]], 
         ns = [r["N"] for r in rows]
         ax.plot(ns, [r["rp_teacher_student"] for r in rows], marker="o", label="RP(teacher, student)")
         ax.plot(ns, [r["rp_teacher_baseline"] for r in rows], marker="s", label="RP(teacher, baseline)")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("training set size N")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        n_axis(ax, "RP vs N", legend_size=8)
     r0 = rows[0]
     fig.suptitle(
         f"Model recovery (Sec. 3.2.1): same seeds, {r0['descriptor']} descriptor, threshold {r0['threshold']:g}",
@@ -292,12 +288,10 @@ def plot(rows: list[dict[str, Any]], grids: dict[int, dict[str, torch.Tensor]], 
 
 
 STUDY = Study(name="recovery", module="recovery", paper="Sec. 3.2.1", title="model recovery from a teacher's samples",
-              run=run, columns=COLUMNS, quick=QUICK, replace=("arch", "sizes"), jobs=jobs, plot=plot)
+              run=run, columns=COLUMNS, quick=QUICK, replace=("arch", "sizes"), jobs=jobs, score=_score_size, plot=plot)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """``python -m lightning_repro.studies.recovery --config FILE [--out DIR] [--quick]``; returns the CSV rows."""
-    return STUDY.main(argv)
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

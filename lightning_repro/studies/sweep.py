@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import scoring_steps as score
-from .outputs import atomic_bytes, finish, format_table, log, save_figure, save_tensor, write_csv
+from .outputs import atomic_bytes, finish, format_table, log, n_axis, save_figure, save_tensor, write_csv
 from .protocol import Study, config_key
 from .steps import (
     StudySetup,
@@ -138,8 +138,8 @@ def point_job(cfg: dict[str, Any], point: GridPoint, image_shape: tuple[int, ...
     if tr.get("wandb", True) and cfg.get("wandb", True):
         wb = {"group": cfg["group"], "name": str(point),
               "config": {"family": point.family, "width": point.width, "study": "phase_transition"}}
-    return study_job(cfg, str(point), _arch_spec(cfg, point), image_shape, module_kwargs, subset_kwargs(cfg["data"], int(point.size)),
-                     ckpt, wandb=wb)
+    return study_job(cfg, str(point), _arch_spec(cfg, point), image_shape, module_kwargs,
+                     subset_kwargs(cfg["data"], int(point.size)), ckpt, wandb=wb)
 
 
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...] | None = None) -> list[TrainJob]:
@@ -326,12 +326,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
                 ax_gl.plot(*mean_curve(rs, "gl"), marker=markers[j % 4], color=colours[w], ls=["-", "--"][j % 2],
                            label=f"{fam}, width {w}")
     for ax, title in ((ax_rp, "RP between models (same seeds)"), (ax_gl, "GL (novelty vs own training set)")):
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("training set size N")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        n_axis(ax, title, legend_size=7)
     fig.suptitle(f"Fig. 2: memorization -> generalization ({descriptor} descriptor, threshold {threshold:g})",
                  fontsize=10)
     fig.tight_layout()
@@ -384,12 +379,11 @@ def _dispatch(cfg: dict[str, Any], args) -> Any:
 
 STUDY = Study(name="phase_transition", module="sweep", paper="Fig. 2",
               title="phase transition: RP between families / widths and GL vs N", run=run, columns=COLUMNS,
-              quick=QUICK, replace=("families", "grid"), jobs=jobs, plot=plot, add_arguments=_add_arguments,
-              dispatch=_dispatch)
+              quick=QUICK, replace=("families", "grid"), jobs=jobs, score=aggregate, plot=plot,
+              add_arguments=_add_arguments, dispatch=_dispatch)
 
 
-def main(argv: list[str] | None = None):
-    return STUDY.main(argv)
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":
