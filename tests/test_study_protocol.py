@@ -168,3 +168,23 @@ def test_package_command_lists_and_runs_the_studies(capsys):
     with pytest.raises(SystemExit, match=r"^error: config file configs/experiments/inverse.yaml moved to "
                                          r"configs/studies/inverse.yaml\.$"):
         main(["inverse", "--config", "configs/experiments/inverse.yaml"])
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("memorization", "workers: true\n", "workers must be a positive integer, got True."),
+    ("finetune", "scratch: {max_steps: 0}\n", "scratch.max_steps must be a positive integer, got 0."),
+    ("baselines", "latent_dim: 2.5\n", "latent_dim must be a positive integer, got 2.5."),
+    ("baselines", "families: {gan: {class_path: DCGAN, steps: true, batch_size: 8}}\n",
+     "families.gan.steps must be a positive integer, got True."),
+    ("inverse", "inverse: {observations: -1}\n", "inverse.observations must be a positive integer, got -1."),
+    ("hyperplane", "size: 0\n", "size must be a positive integer (the training subset), got 0."),
+    ("sweep", "sample: {seeds: 0}\n", "sample.seeds must be a positive integer (seeds 0..seeds-1), got 0."),
+])
+def test_counts_are_checked_once_the_same_way(tmp_path, name, text, message):
+    """Every count a config gives (steps, workers, seeds, sizes) fails with the same one sentence; bools are no
+    counts (``workers: true`` used to mean one worker silently)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        get_study(name).main(["--config", str(bad), "--out", str(tmp_path / "out")])
+    assert exc.value.code == f"error: {message}"

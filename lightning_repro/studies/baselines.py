@@ -25,7 +25,7 @@ import torch
 
 from . import scoring_steps as score
 from .outputs import finish, log, save_figure
-from .protocol import Study, config_key
+from .protocol import Study, config_key, positive_int
 from .steps import (
     StudySetup,
     check_seed_count,
@@ -80,9 +80,7 @@ def _check(cfg: dict) -> None:
         or seeds[0] == seeds[1]
     ):
         raise ValueError(f"seeds must be a list of two different non-negative integers (the pair), got {seeds!r}.")
-    ld = cfg["latent_dim"]
-    if isinstance(ld, bool) or not isinstance(ld, int) or ld < 1:
-        raise ValueError(f"latent_dim must be a positive integer, got {ld!r}.")
+    positive_int(cfg["latent_dim"], "latent_dim")
     fams = cfg["families"]
     if not isinstance(fams, dict) or not fams:
         raise ValueError("families must be a non-empty mapping of name -> {class_path, init_args, steps, batch_size}.")
@@ -91,9 +89,7 @@ def _check(cfg: dict) -> None:
             raise ValueError(f"families.{name} must be a mapping with class_path, init_args, steps and batch_size.")
         arch_class(fam["class_path"])  # unknown class -> one sentence
         for key in ("steps", "batch_size"):
-            v = fam.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"families.{name}.{key} must be a positive integer, got {v!r}.")
+            positive_int(fam.get(key), f"families.{name}.{key}")
     check_seed_count(cfg["sample"]["seeds"])
 
 

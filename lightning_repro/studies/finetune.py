@@ -30,7 +30,7 @@ from typing import Any
 
 from . import scoring_steps as score
 from .outputs import finish, log, n_axis, save_figure, write_csv
-from .protocol import Study, config_key
+from .protocol import Study, config_key, positive_int
 from .steps import (
     StudySetup,
     check_seed_count,
@@ -78,9 +78,7 @@ def _check(cfg: dict) -> None:
         raise ValueError(f"arch must be a mapping {{class_path, init_args}}, got {arch!r}.")
     check_seed_count(cfg["sample"]["seeds"])
     for stage in ("pretrain", "scratch", "finetune"):
-        steps = cfg[stage].get("max_steps")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"{stage}.max_steps must be a positive integer, got {steps!r}.")
+        positive_int(cfg[stage].get("max_steps"), f"{stage}.max_steps")
     d = cfg["data"]
     pre, tgt = d.get("pretrain_classes"), d.get("target_classes")
     same_source = (d.get("pretrain_source") or d["source"]) == d["source"]

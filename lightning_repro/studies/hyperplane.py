@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .outputs import finish, log, save_figure, save_npz
-from .protocol import Study, config_key
+from .protocol import Study, config_key, positive_int
 from .steps import prepare_output, subset_kwargs, trained_denoiser
 from .training import TrainJob, module_kwargs_from, run_training_jobs, study_job
 
@@ -140,9 +140,7 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> dict[str, TrainJo
 
 
 def _check(cfg: dict[str, Any]) -> None:
-    n = cfg["size"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"size must be a positive integer (the training subset), got {n!r}.")
+    positive_int(cfg["size"], "size", " (the training subset)")
     models = cfg["models"]
     if not isinstance(models, dict) or len(models) < 1:
         raise ValueError("models must be a non-empty mapping of name -> 'optimal' | checkpoint path | {class_path}.")

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import scoring_steps as score
 from .outputs import finish, format_table, log, save_figure, write_csv
-from .protocol import Study, config_key
+from .protocol import Study, config_key, positive_int
 from .steps import StudySetup, setup_study, subset_kwargs, trained_denoiser
 from .training import TrainJob, module_kwargs_from, run_training_jobs, study_job
 
@@ -77,9 +77,7 @@ def _check(cfg: dict) -> None:
         raise ValueError(
             f"inverse.masks must be a non-empty list of 'easy', 'hard' or integer sides, got {inv['masks']!r}."
         )
-    k = inv["observations"]
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"inverse.observations must be a positive integer, got {k!r}.")
+    positive_int(inv["observations"], "inverse.observations")
     if inv["solver"] not in DPS_SOLVERS:
         raise ValueError(f"inverse.solver must be one of {list(DPS_SOLVERS)}, got {inv['solver']!r}.")
     if inv["schedule"] not in DPS_SCHEDULES:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Study", "CONFIG_DIR", "MOVED_CONFIGS", "config_key", "deep_merge", "load_study_config", "read_yaml"]
+__all__ = ["Study", "CONFIG_DIR", "MOVED_CONFIGS", "config_key", "deep_merge", "load_study_config", "read_yaml",
+           "positive_int"]
 
 #: the study configs (``configs/studies/<name>.yaml`` of the repository)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "studies"
@@ -36,6 +37,13 @@ def config_key(obj: Any) -> str:
     """Eight hex digits of the SHA-256 of ``obj`` as sorted JSON: the name tag of a checkpoint, so that a changed
     training configuration trains anew and an unchanged one is found again."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def positive_int(value: Any, key: str, note: str = "") -> int:
+    """``value`` if it is a positive integer (not a bool); else one sentence naming the option ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive integer{note}, got {value!r}.")
+    return value
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .protocol import positive_int
 from .training import TrainJob, set_threads
 
 __all__ = ["resolve_device", "prepare_output", "StudySetup", "setup_study", "subset_kwargs", "source_image_shape",
@@ -35,9 +36,7 @@ def prepare_output(cfg: Mapping[str, Any]) -> tuple[Path, torch.device]:
 
 def check_seed_count(n: Any, key: str = "sample.seeds") -> int:
     """``n`` as the number of seeds 0..n-1; one sentence unless it is a positive integer."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"{key} must be a positive integer (seeds 0..seeds-1), got {n!r}.")
-    return n
+    return positive_int(n, key, " (seeds 0..seeds-1)")
 
 
 def check_sizes(sizes: Any, key: str = "sizes") -> list[int]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .outputs import atomic_bytes, log
+from .protocol import positive_int
 
 __all__ = ["TrainJob", "study_job", "module_kwargs_from", "arch_class", "build_module", "set_threads",
            "run_training_jobs", "load_trained", "PARENT_POLL_SECONDS"]
@@ -163,8 +164,7 @@ def _train_job(job: TrainJob) -> dict[str, Any]:
     from ..data import SubsetDataModule
 
     set_threads(job.threads)
-    if not isinstance(job.max_steps, int) or job.max_steps < 1:
-        raise ValueError(f"train.max_steps must be a positive integer, got {job.max_steps!r}.")
+    positive_int(job.max_steps, "train.max_steps")
     L.seed_everything(int(job.module_kwargs.get("seed", 0)), verbose=False)  # the initial weights
     module = build_module(job.arch, job.image_shape, **job.module_kwargs)
     dm = SubsetDataModule(**job.data_kwargs)
@@ -243,8 +243,7 @@ def run_training_jobs(jobs: Sequence[TrainJob], workers: int = 1, log: Callable[
     ``threads`` (one thread per process is fastest on a small CPU: two 1-thread trainings on 2 cores beat
     one 2-thread training).  Finished checkpoints are skipped, so an interrupted study resumes.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}.")
+    positive_int(workers, "workers")
     todo = [j for j in jobs if not j.done()]
     for j in jobs:
         if j.done():
