@@ -31,7 +31,7 @@ from lightning_repro.studies import TrainJob, run_training_jobs
 from lightning_repro.studies import baselines as study
 
 ROOT = Path(__file__).resolve().parents[1]
-YAML = ROOT / "configs" / "experiments" / "gan_vae_contrast.yaml"
+YAML = ROOT / "configs" / "studies" / "gan_vae_contrast.yaml"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -220,7 +220,7 @@ def test_quick_study_writes_three_rp_values_and_rerun_skips_training(tmp_path, m
         assert 0.0 <= float(r["rp"]) <= 1.0 and -1.0 <= float(r["mean_similarity"]) <= 1.0
         assert float(r["threshold"]) == 0.97 and int(r["num_seeds"]) == study.QUICK["sample"]["seeds"]
         assert (int(r["seed_a"]), int(r["seed_b"])) == (0, 1)
-        assert int(r["iterations"]) == study.QUICK_FAMILIES[r["family"]]["steps"]
+        assert int(r["iterations"]) == study.QUICK["families"][r["family"]]["steps"]
     with Image.open(out / "gan_vae_contrast.png") as im:
         assert im.format == "PNG" and min(im.size) >= 200
     assert len(list((out / "checkpoints").glob("*.ckpt"))) == 6

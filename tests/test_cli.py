@@ -100,36 +100,28 @@ def test_bad_input_is_one_sentence(extra, message, tmp_path):
     assert last.startswith(message.replace("{tmp}", str(tmp_path))), last
 
 
-#: study configs in configs/experiments -> the study module that reads them (everything else is a training config)
-STUDY_CONFIGS = {
-    "fig4_memorization.yaml": "memorization",
-    "fig5_mog.yaml": "mog_generalization",
-    "fig11_finetune.yaml": "finetune",
-    "conditional.yaml": "conditional",
-    "gan_vae_contrast.yaml": "baselines",
-    "hyperplane.yaml": "hyperplane",
-    "inverse.yaml": "inverse",
-    "recovery.yaml": "recovery",
-}
+#: the study configs (configs/studies/<name>.yaml) -> their Study; everything in configs/experiments is a training
+#: config
+STUDY_CONFIGS = sorted(p.name for p in (ROOT / "configs" / "studies").glob("*.yaml"))
 EXPERIMENTS = sorted(p.name for p in (ROOT / "configs" / "experiments").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("config", EXPERIMENTS)
+@pytest.mark.parametrize("config", EXPERIMENTS + STUDY_CONFIGS)
 def test_shipped_configs_parse(config, capsys):
     """Training configs resolve with ``--print_config``; study configs load with their study's keys (a typo fails)."""
-    import importlib
-
     import yaml
 
     from lightning_repro.cli import main
-    from lightning_repro.studies import load_study_config
+    from lightning_repro.studies import all_studies
 
-    path = ROOT / "configs" / "experiments" / config
     if config in STUDY_CONFIGS:
-        study = importlib.import_module(f"lightning_repro.studies.{STUDY_CONFIGS[config]}")
-        cfg = load_study_config(path, study.DEFAULTS)
-        assert cfg["out"].startswith("outputs/")
+        study = all_studies()[config.removesuffix(".yaml")]  # every study config belongs to a registered study
+        path = ROOT / "configs" / "studies" / config
+        cfg = study.load_config(path)
+        assert cfg["out"].startswith("outputs/") and cfg == study.defaults()
+        assert study.load_config(path, quick=True)["out"] == cfg["out"] + "_quick"
         return
+    path = ROOT / "configs" / "experiments" / config
     assert "model" in yaml.safe_load(path.read_text()), f"{config}: not a training config and not in STUDY_CONFIGS"
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(ROOT / "configs" / "experiments" / config), "--print_config"])

@@ -21,12 +21,12 @@ from lightning_repro.data.datamodule import subset_indices
 from lightning_repro.data.sources import generated_cache_path
 from lightning_repro.module import file_sha256
 from lightning_repro.sampling import sample, sample_from_noise, seed_noise
-from lightning_repro.studies import TrainJob, hyperplane, load_study_config, recovery, run_training_jobs
+from lightning_repro.studies import TrainJob, hyperplane, recovery, run_training_jobs
 from lightning_repro.theory import EmpiricalOptimalDenoiser
 
 ROOT = Path(__file__).resolve().parents[1]
-RECOVERY_YAML = ROOT / "configs" / "experiments" / "recovery.yaml"
-HYPERPLANE_YAML = ROOT / "configs" / "experiments" / "hyperplane.yaml"
+RECOVERY_YAML = ROOT / "configs" / "studies" / "recovery.yaml"
+HYPERPLANE_YAML = ROOT / "configs" / "studies" / "hyperplane.yaml"
 TINY_DIT = {"class_path": "DiT", "init_args": {"patch_size": 4, "hidden_size": 16, "depth": 1, "num_heads": 1}}
 SEEDS = "1000000-1000007"
 
@@ -124,7 +124,7 @@ def test_recovery_quick_writes_both_rps_and_baseline_data_is_disjoint(tmp_path, 
     # the student's data are the teacher's cached samples; the baseline's are images outside subset A
     (teacher,) = (out / "checkpoints").glob("teacher_N16_*.ckpt")
     assert len(list((out / "checkpoints").glob("teacher_N16_*.generated_*.npz"))) == 1
-    cfg = load_study_config(RECOVERY_YAML, recovery.DEFAULTS, recovery.QUICK, out)
+    cfg = recovery.STUDY.load_config(RECOVERY_YAML, quick=True, out=out)
     path, n_rest = recovery.write_complement(cfg, 16)
     a = subset_indices(get_source("digits"), 16, 0)
     with np.load(path) as f:

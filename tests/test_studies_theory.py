@@ -12,12 +12,12 @@ import torch
 from study_helpers import assert_png, read_csv
 from wandb_offline import read_offline_run
 
-from lightning_repro.studies import load_study_config, memorization, mog_generalization
+from lightning_repro.studies import memorization, mog_generalization
 from lightning_repro.theory import LowRankMoG
 
 ROOT = Path(__file__).resolve().parents[1]
-FIG4_YAML = ROOT / "configs" / "experiments" / "fig4_memorization.yaml"
-FIG5_YAML = ROOT / "configs" / "experiments" / "fig5_mog.yaml"
+FIG4_YAML = ROOT / "configs" / "studies" / "fig4_memorization.yaml"
+FIG5_YAML = ROOT / "configs" / "studies" / "fig5_mog.yaml"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -35,7 +35,7 @@ def test_memorization_quick_writes_csv_png_and_rerun_skips_training(tmp_path, mo
     rows = memorization.main(["--config", str(FIG4_YAML), "--quick", "--out", str(out)])
     header, body = read_csv(out / "fig4.csv")
     assert header == memorization.COLUMNS
-    sizes, archs = memorization.QUICK["sizes"], list(memorization.QUICK_ARCHS)
+    sizes, archs = memorization.QUICK["sizes"], list(memorization.QUICK["archs"])
     assert [(r["arch"], int(r["N"])) for r in body] == [(a, n) for n in sizes for a in archs]
     for r in body:
         for key in ("rp_vs_optimal", "gl", "same_nn_vs_optimal", "gl_optimal"):
@@ -70,7 +70,7 @@ def test_mog_quick_writes_csv_png_and_rerun_skips_training(tmp_path, monkeypatch
     out = tmp_path / "fig5"
     rows = mog_generalization.main(["--config", str(FIG5_YAML), "--quick", "--out", str(out)])
     header, body = read_csv(out / "fig5.csv")
-    cfg = load_study_config(FIG5_YAML, mog_generalization.DEFAULTS, mog_generalization.QUICK)
+    cfg = mog_generalization.STUDY.load_config(FIG5_YAML, quick=True)
     assert header == mog_generalization.columns(cfg["eval"]["per_sigma"])
     expect = [(K, d, n) for K, d in cfg["mixtures"] for n in cfg["sizes"]]
     assert [(int(r["K"]), int(r["d"]), int(r["N"])) for r in body] == expect
@@ -103,12 +103,12 @@ def test_score_error_columns_vanish_for_the_exact_mog_denoiser():
 
 
 def test_configs_load_and_training_changes_the_checkpoint_name():
-    cfg4 = load_study_config(FIG4_YAML, memorization.DEFAULTS)
+    cfg4 = memorization.STUDY.load_config(FIG4_YAML)
     assert len(cfg4["archs"]) >= 2 and cfg4["sizes"] == sorted(cfg4["sizes"]) and cfg4["kernel"] == "edm"
-    quick = load_study_config(FIG4_YAML, memorization.DEFAULTS, memorization.QUICK)
+    quick = memorization.STUDY.load_config(FIG4_YAML, quick=True)
     assert quick["out"] == cfg4["out"] + "_quick"  # quick results never land in a full run's folder
-    assert load_study_config(FIG4_YAML, memorization.DEFAULTS, memorization.QUICK, out="x")["out"] == "x"
-    cfg5 = load_study_config(FIG5_YAML, mog_generalization.DEFAULTS)
+    assert memorization.STUDY.load_config(FIG4_YAML, quick=True, out="x")["out"] == "x"
+    cfg5 = mog_generalization.STUDY.load_config(FIG5_YAML)
     assert len(cfg5["mixtures"]) >= 2 and len(cfg5["sizes"]) >= 3
     spec = next(iter(cfg4["archs"].values()))
     k1 = memorization.run_key(spec, 16, cfg4)
@@ -137,7 +137,7 @@ def test_parallel_training_jobs_write_checkpoints_and_records(tmp_path):
     """``workers=2`` trains in spawned processes; the checkpoints load and their records hold the steps."""
     from lightning_repro.studies import TrainJob, load_trained, run_training_jobs
 
-    arch = memorization.QUICK_ARCHS["dit"]
+    arch = memorization.QUICK["archs"]["dit"]
     kw = dict(kernel="edm", lr=1e-3, seed=0)
     jobs = [
         TrainJob(

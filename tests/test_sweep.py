@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from lightning_repro import studies
-from lightning_repro.studies import load_study_config, sweep
+from lightning_repro.studies import sweep, training
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP_YAML = ROOT / "configs" / "sweeps" / "phase_transition.yaml"
+SWEEP_YAML = ROOT / "configs" / "studies" / "phase_transition.yaml"
 
 TINY = {
     "grid": {"size": [8, 16], "family": ["dit"], "width": [8], "seed": [0]},
@@ -25,6 +25,7 @@ TINY = {
     "train": {"max_steps": 2, "warmup_steps": 0, "wandb": False},
     "sample": {"seeds": 6, "steps": 3},
     "wandb": False,
+    "workers": 1,  # in this process (the shipped YAML trains two at once), so a test can interrupt it
 }
 
 
@@ -43,7 +44,7 @@ def tiny_config(tmp_path, **over) -> Path:
 
 
 def test_shipped_config_grid_and_checkpoint_names():
-    cfg = load_study_config(SWEEP_YAML, sweep.DEFAULTS, replace=("families", "grid"))
+    cfg = sweep.STUDY.load_config(SWEEP_YAML)
     points = sweep.grid_points(cfg)
     g = cfg["grid"]
     assert len(points) == len(g["size"]) * len(g["family"]) * len(g["width"]) * len(g["seed"])
@@ -65,7 +66,7 @@ def test_shipped_config_grid_and_checkpoint_names():
 
 def test_killed_sweep_resumes_without_retraining(tmp_path, monkeypatch):
     path = tiny_config(tmp_path, grid={"size": [8, 16], "family": ["dit"], "width": [8, 12], "seed": [0]})
-    real = studies._train_job
+    real = training._train_job
     trained: list[str] = []
 
     def killed_after_two(job):
@@ -74,7 +75,7 @@ def test_killed_sweep_resumes_without_retraining(tmp_path, monkeypatch):
         trained.append(job.name)
         return real(job)
 
-    monkeypatch.setattr(studies, "_train_job", killed_after_two)
+    monkeypatch.setattr(training, "_train_job", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         sweep.main(["--config", str(path)])
     assert trained == ["dit_w8_N8_s0", "dit_w12_N8_s0"]
@@ -83,7 +84,7 @@ def test_killed_sweep_resumes_without_retraining(tmp_path, monkeypatch):
     mtimes = {c: c.stat().st_mtime_ns for c in ckpts}
 
     trained.clear()
-    monkeypatch.setattr(studies, "_train_job", lambda job: (trained.append(job.name), real(job))[1])
+    monkeypatch.setattr(training, "_train_job", lambda job: (trained.append(job.name), real(job))[1])
     rows = sweep.main(["--config", str(path)])
     assert trained == ["dit_w8_N16_s0", "dit_w12_N16_s0"]  # only the unfinished half
     assert all(c.stat().st_mtime_ns == t for c, t in mtimes.items())  # finished checkpoints untouched

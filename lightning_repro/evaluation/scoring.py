@@ -28,6 +28,10 @@ __all__ = [
     "generalization",
     "nearest_training",
     "choose_descriptor",
+    "rp",
+    "gl",
+    "mae",
+    "mean_similarity",
 ]
 
 #: images per descriptor call (and per rank's share of the feature work); fixed so that one process and N
@@ -136,3 +140,32 @@ def choose_descriptor(name: str | None, image_shape: Sequence[int]) -> tuple[str
     if c == 3 and min(h, w) >= 32:
         return "sscd", f"{c}x{h}x{w} colour images, as the paper"
     return "pixel", f"{c}x{h}x{w} images: SSCD needs 3-channel images of >= 32 px"
+
+
+# -- feature-level scores of the studies (features or images in, float out) ------------------------------
+def rp(feats_a: Tensor, feats_b: Tensor, threshold: float) -> float:
+    """RP: fraction of seeds whose two samples' features have cosine similarity above ``threshold``."""
+    from ..metrics import rp_score
+
+    return rp_score(feats_a, feats_b, threshold)
+
+
+def gl(sample_feats: Tensor, train_feats: Tensor, threshold: float) -> float:
+    """GL: fraction of samples with no training feature above ``threshold`` (1 - copy rate)."""
+    from ..metrics import gl_score
+
+    return gl_score(sample_feats, train_feats, threshold)
+
+
+def mae(images_a: Tensor, images_b: Tensor) -> float:
+    """Mean absolute difference of paired images in [-1, 1], in 0-255 units."""
+    from ..metrics import mae_score
+
+    return mae_score(images_a, images_b)["mae_mean"]
+
+
+def mean_similarity(feats_a: Tensor, feats_b: Tensor) -> float:
+    """Mean cosine similarity of paired features."""
+    from ..metrics import paired_similarity
+
+    return float(paired_similarity(feats_a, feats_b).mean())

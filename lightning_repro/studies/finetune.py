@@ -1,66 +1,24 @@
 """Fig. 11 / App. G of Zhang et al. (ICML 2024): reproducibility of attention-only fine-tuning.
 
-A model pretrained on one data set (the paper: CIFAR-100) is fine-tuned on subsets of size N of another (CIFAR-10),
-training only its attention layers (``DiffusionModule(init_from=..., trainable=None)``: the family's
+A model pretrained on one data set (the paper: CIFAR-100) is fine-tuned on subsets of size N of another
+(CIFAR-10), training only its attention layers (``DiffusionModule(init_from=..., trainable=None)``: the family's
 ``attention_patterns``), and compared with the same architecture trained *from scratch* on the same subset.  Both
-are sampled from the same seeds with the deterministic EDM Heun sampler and scored (pixel descriptor on digits):
+are sampled from the same seeds and scored: ``rp_ft_vs_scratch`` (the paper: the two agree, in the memorization
+and in the generalization regime), ``rp_ft_vs_optimal`` / ``rp_scratch_vs_optimal`` (against the optimal denoiser
+of the subset, Prop. 1), ``gl_ft`` / ``gl_scratch`` / ``gl_optimal``, ``same_nn_ft_vs_scratch`` (same nearest
+training image, threshold-free), ``mae_ft_vs_scratch``, ``rp_ft_vs_pretrained`` (low when fine-tuning moved the
+samples to the new data) and the fine-tuned model's ``trainable_params`` / ``total_params``.
 
-* ``rp_ft_vs_scratch``       RP(fine-tuned, from scratch), seed by seed: the paper's finding is that the two agree
-                             (model reproducibility survives fine-tuning), in the memorization regime (small N, both
-                             copy training images) and in the generalization regime (large N);
-* ``rp_ft_vs_optimal``, ``rp_scratch_vs_optimal``   RP of each against the optimal denoiser of the subset
-                             (``EmpiricalOptimalDenoiser``, Prop. 1): ~1 while a model memorizes;
-* ``gl_ft``, ``gl_scratch``  GL of each against the subset (and ``gl_optimal``, ~0: the optimal denoiser copies);
-* ``same_nn_ft_vs_scratch``  threshold-free: the fraction of seeds whose two samples have the same nearest
-                             training image (L2); ``mae_ft_vs_scratch`` (0-255 units);
-* ``rp_ft_vs_pretrained``    RP(fine-tuned, the pretrained model before fine-tuning): low when fine-tuning moved
-                             the samples to the new data (a check that the attention layers alone can do it);
-* ``trainable_params`` / ``total_params`` of the fine-tuned model.
-
-Small-scale stand-in (CPU defaults, ``configs/experiments/fig11_finetune.yaml``): 8 x 8 digits, pretrain on
-classes 0-4 (all ~900 images), fine-tune / train from scratch on nested subsets of classes 5-9 with N = 16, 64,
-256; a DiT with patch 4 (4 tokens of 4 x 4 pixels, so attention mixes image regions; the single-token DiT of
-Fig. 4 would attend over one token, where attention is only its value / output projections), width 96, depth 3,
-4 heads (558k parameters, of which the attention layers are 111k = 20%); EDM kernel with training noise
-ln(sigma) ~ N(0.5, 1), batch 128, lr 2e-3 (fine-tuning 5e-3: with 2e-3 the attention-only model memorized N = 16
-less, RP(fine-tuned, optimal) 0.46 against 0.62, and RP(fine-tuned, scratch) was 0.68 / 0.46 / 0.71 against
-0.74 / 0.54 / 0.75), EMA half-life 25% of training; pretraining 3,000 steps, from scratch 1,500 steps,
-fine-tuning 1,500 steps; 256 seeds, Heun 18 steps; two trainings at once (``workers: 2``, one thread each).
-
-Measured with these defaults (5 min 9 s wall, measured from scratch on an otherwise idle 2-core machine,
-2026-11-27): RP(fine-tuned, scratch) = 0.74 / 0.54 / 0.75 at N = 16 / 64 / 256 (same nearest training image 0.70 /
-0.53 / 0.53), RP(fine-tuned, optimal) = 0.62 / 0.03 / 0.00 against 0.74 / 0.22 / 0.00 from scratch, GL fine-tuned
-0.27 / 0.96 / 1.00 against 0.04 / 0.70 / 1.00 from scratch, RP(fine-tuned, pretrained) = 0.  So the two models
-agree most in the memorization (N = 16) and generalization (N = 256) regimes and least in between, where the
-fine-tuned model already produces new images and the model from scratch still partly memorizes: with 20% of its
-parameters trainable (the rest pretrained on other digits) the fine-tuned model memorizes less, i.e. its
-transition comes at smaller N (whether from its smaller capacity or its prior is not separated here;
-``finetune.trainable: ["*"]`` is the control).
-
-Command::
-
-    python -m lightning_repro.studies.finetune --config configs/experiments/fig11_finetune.yaml [--out DIR] [--quick]
-
-writes ``DIR/fig11.csv`` (one row per N), ``DIR/fig11.png`` (RP vs N and GL vs N, log2 N axis), sample grids
-``DIR/samples/N<N>.png`` (rows in threes: optimal denoiser, from scratch, fine-tuned; same seeds) and
-``DIR/samples/pretrained.png``, checkpoints ``DIR/checkpoints/{pretrain,scratch_N<N>,finetune_N<N>}_<hash>.ckpt``
-(the hash covers everything that determines the training, the fine-tunes' includes the pretrained checkpoint's, so
-a rerun skips finished trainings and a changed configuration trains anew), and a W&B run (group ``fig11``).
-
-The same fine-tuning from the training CLI::
+Writes ``DIR/fig11.csv`` (one row per N), ``DIR/fig11.png`` (RP and GL vs N), ``DIR/samples/N<N>.png`` (rows in
+threes: optimal, from scratch, fine-tuned), ``DIR/samples/pretrained.png``,
+``DIR/checkpoints/{pretrain,scratch_N<N>,finetune_N<N>}_<hash>.ckpt`` and a W&B run (group ``fig11``).  The same
+fine-tuning from the training CLI::
 
     python train.py fit --config configs/experiments/digits_dit.yaml --data.classes '[5,6,7,8,9]' \\
         --data.size 64 --model.init_args.init_from PRETRAINED.ckpt [--model.init_args.trainable '["*"]']
 
-Full scale, as the paper (one GPU per run, ``workers: 1, threads: null``): ``data.source: cifar10`` for the
-target with the model pretrained on CIFAR-100 -- set ``data.pretrain_source: cifar100``,
-``data.pretrain_classes: null``, ``data.target_classes: null`` (all classes of each), ``pretrain.size: null``;
-``sizes: [64, 256, 1024, 4096, 16384, 50000]``; the paper's DiT-S/2 (``patch_size: 2, hidden_size: 384, depth:
-12, num_heads: 6``) or U-ViT-S/2 (``class_path: UViT``, ``patch_size: 2, embed_dim: 512, depth: 12, num_heads:
-8``); ``data.batch_size: 512``; ``pretrain.max_steps`` and ``scratch.max_steps`` in the hundreds of thousands,
-``finetune.max_steps`` a fraction of that; EDM's training defaults (``train.kernel_kwargs: {}``,
-``ema_halflife_kimg: 500``, ``ema_rampup_ratio: 0.05``); ``sample.seeds: 10000``; ``metrics.descriptor: sscd``
-(threshold 0.6).
+Sizes (a digits stand-in for CIFAR-100 -> CIFAR-10), measured results and the full-scale settings:
+``configs/studies/fig11_finetune.yaml``.
 """
 
 from __future__ import annotations
@@ -70,62 +28,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import (
-    TrainJob,
-    config_key,
-    format_table,
-    load_trained,
-    log,
-    log_study_to_wandb,
-    module_kwargs_from,
-    run_training_jobs,
-    save_figure,
+from ..evaluation import scoring as score
+from .outputs import finish, log, n_axis, save_figure, write_csv
+from .protocol import Study, config_key, positive_int
+from .steps import (
+    StudySetup,
+    check_seed_count,
+    check_sizes,
+    sample_seeds,
+    save_interleaved,
     setup_study,
-    study_job,
-    study_main,
-    write_csv,
+    subset_kwargs,
+    trained_denoiser,
 )
+from .training import TrainJob, load_trained, module_kwargs_from, run_training_jobs, study_job
 
-__all__ = ["DEFAULTS", "QUICK", "COLUMNS", "jobs", "run_key", "run", "plot", "main"]
-
-DEFAULTS: dict[str, Any] = {
-    "out": "outputs/fig11",
-    "threads": 1,
-    "workers": 2,
-    "device": "auto",
-    "wandb": True,
-    "data": {
-        "source": "digits",
-        "pretrain_source": None,  # None: the same source as the target
-        "source_kwargs": {},
-        "pretrain_classes": [0, 1, 2, 3, 4],
-        "target_classes": [5, 6, 7, 8, 9],
-        "subset_seed": 0,
-        "batch_size": 128,
-    },
-    "sizes": [16, 64, 256],
-    "kernel": "edm",
-    "arch": {
-        "class_path": "DiT",
-        "init_args": {"patch_size": 4, "hidden_size": 96, "depth": 3, "num_heads": 4},
-    },
-    "train": {
-        "lr": 2e-3,
-        "warmup_steps": 100,
-        "ema_halflife_kimg": 1000.0,
-        "ema_rampup_ratio": 0.25,
-        "seed": 0,
-        "kernel_kwargs": {"P_mean": 0.5, "P_std": 1.0},
-        "trainer": {},
-    },
-    "pretrain": {"size": None, "max_steps": 3000},
-    "scratch": {"max_steps": 1500},
-    "finetune": {"max_steps": 1500, "lr": 5e-3, "warmup_steps": None, "trainable": None},
-    "sample": {"seeds": 256, "sampler": "heun", "steps": 18},
-    "metrics": {"descriptor": "pixel", "threshold": None},
-}
+__all__ = ["STUDY", "QUICK", "COLUMNS", "jobs", "run_key", "run", "plot", "main"]
 
 #: ``--quick``: a tiny network, two sizes, a few steps (for tests; the numbers mean nothing).
 QUICK: dict[str, Any] = {
@@ -140,26 +58,9 @@ QUICK: dict[str, Any] = {
     "sample": {"seeds": 8, "steps": 4},
 }
 
-COLUMNS = [
-    "N",
-    "rp_ft_vs_scratch",
-    "rp_ft_vs_optimal",
-    "rp_scratch_vs_optimal",
-    "gl_ft",
-    "gl_scratch",
-    "gl_optimal",
-    "same_nn_ft_vs_scratch",
-    "mae_ft_vs_scratch",
-    "rp_ft_vs_pretrained",
-    "trainable_params",
-    "total_params",
-    "ft_steps",
-    "scratch_steps",
-    "ft_seconds",
-    "scratch_seconds",
-    "threshold",
-    "descriptor",
-]
+COLUMNS = ["N", "rp_ft_vs_scratch", "rp_ft_vs_optimal", "rp_scratch_vs_optimal", "gl_ft", "gl_scratch",
+           "gl_optimal", "same_nn_ft_vs_scratch", "mae_ft_vs_scratch", "rp_ft_vs_pretrained", "trainable_params",
+           "total_params", "ft_steps", "scratch_steps", "ft_seconds", "scratch_seconds", "threshold", "descriptor"]
 TABLE = COLUMNS[:10]
 
 
@@ -171,19 +72,13 @@ def run_key(kind: str, n: int | None, cfg: dict, extra: Any = None) -> str:
 
 
 def _check(cfg: dict) -> None:
-    sizes = cfg["sizes"]
-    if not isinstance(sizes, list) or not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
-        raise ValueError(f"sizes must be a non-empty list of positive integers, got {sizes!r}.")
+    check_sizes(cfg["sizes"])
     arch = cfg["arch"]
     if not isinstance(arch, dict) or "class_path" not in arch:
         raise ValueError(f"arch must be a mapping {{class_path, init_args}}, got {arch!r}.")
-    seeds = cfg["sample"]["seeds"]
-    if not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"sample.seeds must be a positive integer (seeds 0..seeds-1), got {seeds!r}.")
+    check_seed_count(cfg["sample"]["seeds"])
     for stage in ("pretrain", "scratch", "finetune"):
-        steps = cfg[stage].get("max_steps")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"{stage}.max_steps must be a positive integer, got {steps!r}.")
+        positive_int(cfg[stage].get("max_steps"), f"{stage}.max_steps")
     d = cfg["data"]
     pre, tgt = d.get("pretrain_classes"), d.get("target_classes")
     same_source = (d.get("pretrain_source") or d["source"]) == d["source"]
@@ -194,14 +89,8 @@ def _check(cfg: dict) -> None:
 
 def _data_kwargs(cfg: dict, target: bool, size: int | None) -> dict[str, Any]:
     d = cfg["data"]
-    return dict(
-        source=d["source"] if target else (d.get("pretrain_source") or d["source"]),
-        size=size,
-        subset_seed=d["subset_seed"],
-        batch_size=d["batch_size"],
-        classes=d.get("target_classes") if target else d.get("pretrain_classes"),
-        source_kwargs=d.get("source_kwargs") or {},
-    )
+    return subset_kwargs({**d, "source": d["source"] if target else (d.get("pretrain_source") or d["source"])}, size,
+                         classes=d.get("target_classes") if target else d.get("pretrain_classes"))
 
 
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> tuple[TrainJob, list[TrainJob], list[TrainJob]]:
@@ -229,108 +118,84 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> tuple[TrainJob, l
     return pretrain, scratch, finetune
 
 
-def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Pretrain, fine-tune and train from scratch (or load), sample, score; write ``fig11.csv`` / ``fig11.png``."""
+def _score_size(n: int, job_s: TrainJob, job_f: TrainJob, kernel, pre_feats, st: StudySetup, cfg) -> dict:
+    """Sample the two models of size ``n`` and the optimal denoiser of the subset (on the pretrained kernel)."""
     from ..data import SubsetDataModule
-    from ..metrics import gl_score, mae_score, rp_score
-    from ..sampling import sample
     from ..theory import EmpiricalOptimalDenoiser
-    from ..viz import save_grid
 
-    _check(cfg)
-    st = setup_study(cfg)
-    out, device, desc, thr, seeds = st.out, st.device, st.descriptor, st.threshold, st.seeds
-    sampler, steps = st.sampler, st.steps
-    d = cfg["data"]
-    sizes = sorted(cfg["sizes"])
-    t_start = time.time()
-    log(
-        f"fig11: {cfg['arch']['class_path']} pretrained on {d.get('pretrain_source') or d['source']} classes "
-        f"{d.get('pretrain_classes')} ({cfg['pretrain']['max_steps']} steps), then per N in {sizes} of "
-        f"{d['source']} classes {d.get('target_classes')}: attention-only fine-tuning ({cfg['finetune']['max_steps']} "
-        f"steps) vs from scratch ({cfg['scratch']['max_steps']} steps); {len(seeds)} seeds ({sampler}, {steps} "
-        f"steps), {cfg['metrics']['descriptor']} descriptor threshold {thr} -> {out}"
-    )
-    target = SubsetDataModule(**{**_data_kwargs(cfg, True, 1), "size": None})
-    shape = target.image_shape
-    if sizes[-1] > len(target.source):
-        raise ValueError(f"sizes: N={sizes[-1]} is larger than the target data ({d['source']} classes "
-                         f"{d.get('target_classes')}), which has {len(target.source)} images.")
-    pretrain, scratch, finetune = jobs(cfg, shape)
-    workers = int(cfg.get("workers", 1))
-    run_training_jobs([pretrain, *scratch], workers, log=log)  # from-scratch runs need no pretrained model
-    run_training_jobs(finetune, workers, log=log)
-
-    log(f"sampling {len(seeds)} seeds per model and per optimal denoiser, scoring ...")
-    pre_module, _ = load_trained(pretrain)
-    kernel = pre_module.kernel
-    x_pre = sample(pre_module.ema.to(device).eval(), kernel, seeds, shape, sampler=sampler, steps=steps, device=device)
-    f_pre = desc(x_pre)
-    save_grid(x_pre[: min(64, len(seeds))], out / "samples" / "pretrained.png", nrow=16)
-    rows: list[dict[str, Any]] = []
-    for n, job_s, job_f in zip(sizes, scratch, finetune):
-        t0 = time.time()
-        dm = SubsetDataModule(**_data_kwargs(cfg, True, n))
-        optimal = EmpiricalOptimalDenoiser(dm.images, device=device)
-        train_feats = desc(dm.images)
-        x_opt = sample(optimal, kernel, seeds, shape, sampler=sampler, steps=steps, device=device)
-        xs, metas, modules = {}, {}, {}
-        for key, job in (("scratch", job_s), ("ft", job_f)):
-            module, metas[key] = load_trained(job)
-            modules[key] = module
-            den = module.ema.to(device).eval().requires_grad_(False)
-            xs[key] = sample(den, module.kernel, seeds, shape, sampler=sampler, steps=steps, device=device)
-        f_opt, f_s, f_f = desc(x_opt), desc(xs["scratch"]), desc(xs["ft"])
-        same_nn = (optimal.nearest(xs["ft"].to(device)) == optimal.nearest(xs["scratch"].to(device))).float().mean()
-        trainable, total = modules["ft"].parameter_counts()
-        row = {
-            "N": n,
-            "rp_ft_vs_scratch": rp_score(f_f, f_s, thr),
-            "rp_ft_vs_optimal": rp_score(f_f, f_opt, thr),
-            "rp_scratch_vs_optimal": rp_score(f_s, f_opt, thr),
-            "gl_ft": gl_score(f_f, train_feats, thr),
-            "gl_scratch": gl_score(f_s, train_feats, thr),
-            "gl_optimal": gl_score(f_opt, train_feats, thr),
-            "same_nn_ft_vs_scratch": float(same_nn),
-            "mae_ft_vs_scratch": mae_score(xs["ft"], xs["scratch"])["mae_mean"],
-            "rp_ft_vs_pretrained": rp_score(f_f, f_pre, thr),
-            "trainable_params": trainable,
-            "total_params": total,
-            "ft_steps": int(metas["ft"].get("steps", job_f.max_steps)),
+    images = SubsetDataModule(**_data_kwargs(cfg, True, n)).images
+    shape, thr = tuple(images.shape[1:]), st.threshold
+    optimal = EmpiricalOptimalDenoiser(images, device=st.device)
+    train_feats, x_opt = st.descriptor(images), sample_seeds(optimal, kernel, st.seeds, shape, st)
+    xs, metas = {}, {}
+    for key, job in (("scratch", job_s), ("ft", job_f)):
+        den, k, metas[key] = trained_denoiser(job, st.device)
+        xs[key] = sample_seeds(den, k, st.seeds, shape, st)
+    f_opt, f_s, f_f = st.descriptor(x_opt), st.descriptor(xs["scratch"]), st.descriptor(xs["ft"])
+    same_nn = optimal.nearest(xs["ft"].to(st.device)) == optimal.nearest(xs["scratch"].to(st.device))
+    trainable, total = load_trained(job_f)[0].parameter_counts()
+    save_interleaved(st.out / "samples" / f"N{n}.png", [x_opt, xs["scratch"], xs["ft"]], 32)
+    return {"N": n, "rp_ft_vs_scratch": score.rp(f_f, f_s, thr), "rp_ft_vs_optimal": score.rp(f_f, f_opt, thr),
+            "rp_scratch_vs_optimal": score.rp(f_s, f_opt, thr), "gl_ft": score.gl(f_f, train_feats, thr),
+            "gl_scratch": score.gl(f_s, train_feats, thr), "gl_optimal": score.gl(f_opt, train_feats, thr),
+            "same_nn_ft_vs_scratch": float(same_nn.float().mean()), "mae_ft_vs_scratch": score.mae(xs["ft"],
+                                                                                                   xs["scratch"]),
+            "rp_ft_vs_pretrained": score.rp(f_f, pre_feats, thr), "trainable_params": trainable,
+            "total_params": total, "ft_steps": int(metas["ft"].get("steps", job_f.max_steps)),
             "scratch_steps": int(metas["scratch"].get("steps", job_s.max_steps)),
             "ft_seconds": float(metas["ft"].get("train_seconds", float("nan"))),
             "scratch_seconds": float(metas["scratch"].get("train_seconds", float("nan"))),
-            "threshold": thr,
-            "descriptor": cfg["metrics"]["descriptor"],
-        }
-        rows.append(row)
-        w = min(16, len(seeds))
-        m = w * (min(32, len(seeds)) // w)
-        triples = [x[i : i + w] for i in range(0, m, w) for x in (x_opt, xs["scratch"], xs["ft"])]
-        save_grid(torch.cat(triples), out / "samples" / f"N{n}.png", nrow=w)
-        log(
-            f"  N={n}: RP(ft, scratch)={row['rp_ft_vs_scratch']:.3f}  RP(ft, optimal)={row['rp_ft_vs_optimal']:.3f}  "
-            f"RP(scratch, optimal)={row['rp_scratch_vs_optimal']:.3f}  GL ft={row['gl_ft']:.3f} "
-            f"scratch={row['gl_scratch']:.3f}  ({time.time() - t0:.0f}s)"
-        )
-        write_csv(rows, out / "fig11.csv", COLUMNS)  # partial results survive an interruption
-    csv_path = write_csv(rows, out / "fig11.csv", COLUMNS)
-    png_path = plot(rows, out / "fig11.png", thr, cfg["metrics"]["descriptor"])
+            "threshold": thr, "descriptor": st.descriptor_name}
+
+
+def _train(cfg: dict, st: StudySetup) -> tuple[TrainJob, list[TrainJob], list[TrainJob]]:
+    """Pretrain and the from-scratch runs first (they need no pretrained model), then the fine-tunes."""
+    from ..data import SubsetDataModule
+
+    d, sizes = cfg["data"], sorted(cfg["sizes"])
+    target = SubsetDataModule(**{**_data_kwargs(cfg, True, 1), "size": None})
+    if sizes[-1] > len(target.source):
+        raise ValueError(f"sizes: N={sizes[-1]} is larger than the target data ({d['source']} classes "
+                         f"{d.get('target_classes')}), which has {len(target.source)} images.")
+    pretrain, scratch, finetune = jobs(cfg, target.image_shape)
+    run_training_jobs([pretrain, *scratch], cfg["workers"])
+    run_training_jobs(finetune, cfg["workers"])
+    return pretrain, scratch, finetune
+
+
+def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Pretrain, fine-tune and train from scratch (or load), sample, score; write ``fig11.csv`` / ``fig11.png``."""
+    _check(cfg)
+    st, d, sizes, t_start = setup_study(cfg), cfg["data"], sorted(cfg["sizes"]), time.time()
+    log(f"fig11: {cfg['arch']['class_path']} pretrained on {d.get('pretrain_source') or d['source']} classes "
+        f"{d.get('pretrain_classes')} ({cfg['pretrain']['max_steps']} steps), then per N in {sizes} of "
+        f"{d['source']} classes {d.get('target_classes')}: attention-only fine-tuning ({cfg['finetune']['max_steps']} "
+        f"steps) vs from scratch ({cfg['scratch']['max_steps']} steps); {len(st.seeds)} seeds ({st.sampler}, "
+        f"{st.steps} steps), {st.descriptor_name} descriptor threshold {st.threshold} -> {st.out}")
+    pretrain, scratch, finetune = _train(cfg, st)
+    log(f"sampling {len(st.seeds)} seeds per model and per optimal denoiser, scoring ...")
+    den, kernel, _ = trained_denoiser(pretrain, st.device)
+    x_pre = sample_seeds(den, kernel, st.seeds, pretrain.image_shape, st)
+    save_interleaved(st.out / "samples" / "pretrained.png", [x_pre], 64)
+    rows: list[dict[str, Any]] = []
+    for n, job_s, job_f in zip(sizes, scratch, finetune):
+        t0 = time.time()
+        rows.append(r := _score_size(n, job_s, job_f, kernel, st.descriptor(x_pre), st, cfg))
+        log(f"  N={n}: RP(ft, scratch)={r['rp_ft_vs_scratch']:.3f}  RP(ft, optimal)={r['rp_ft_vs_optimal']:.3f}  "
+            f"RP(scratch, optimal)={r['rp_scratch_vs_optimal']:.3f}  GL ft={r['gl_ft']:.3f} "
+            f"scratch={r['gl_scratch']:.3f}  ({time.time() - t0:.0f}s)")
+        write_csv(rows, st.out / "fig11.csv", COLUMNS)  # partial results survive an interruption
+    png = plot(rows, st.out / "fig11.png", st.threshold, st.descriptor_name)
     log("from-scratch vs fine-tuned RP/GL at each N:")
-    log(format_table(rows, TABLE))
-    log_study_to_wandb(
-        "fig11", cfg, rows, COLUMNS,
-        images={"figure": png_path, **{f"samples_N{n}": out / "samples" / f"N{n}.png" for n in sizes},
-                "samples_pretrained": out / "samples" / "pretrained.png"},
-        summary={f"rp_ft_vs_scratch_N{r['N']}": r["rp_ft_vs_scratch"] for r in rows},
-    )
+    images = {"figure": png, **{f"samples_N{n}": st.out / "samples" / f"N{n}.png" for n in sizes},
+              "samples_pretrained": st.out / "samples" / "pretrained.png"}
+    summary = {f"rp_ft_vs_scratch_N{r['N']}": r["rp_ft_vs_scratch"] for r in rows}
+    csv_path = finish("fig11", cfg, rows, COLUMNS, "fig11.csv", images, summary, TABLE)  # W&B group of earlier runs
     a, b = rows[0], rows[-1]
-    log(
-        f"fig11 done in {time.time() - t_start:.0f}s: {a['trainable_params']:,} / {a['total_params']:,} parameters "
+    log(f"fig11 done in {time.time() - t_start:.0f}s: {a['trainable_params']:,} / {a['total_params']:,} parameters "
         f"fine-tuned; N {a['N']}->{b['N']}: RP(ft, scratch) {a['rp_ft_vs_scratch']:.2f}->{b['rp_ft_vs_scratch']:.2f}, "
         f"GL ft {a['gl_ft']:.2f}->{b['gl_ft']:.2f}, GL scratch {a['gl_scratch']:.2f}->{b['gl_scratch']:.2f} | "
-        f"{csv_path} | {png_path}"
-    )
+        f"{csv_path} | {png}")
     return rows
 
 
@@ -354,21 +219,18 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
     for ax, title, series in panels:
         for key, label, ls in series:
             ax.plot(ns, [r[key] for r in rs], marker="o", ls=ls, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("fine-tuning set size N")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        n_axis(ax, title, "fine-tuning set size N", legend_size=8)
     fig.suptitle(f"Fig. 11: attention-only fine-tuning vs training from scratch ({descriptor} descriptor, "
                  f"threshold {threshold:g})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    return study_main(argv, "python -m lightning_repro.studies.finetune", __doc__, run, DEFAULTS, QUICK,
-                      replace=("arch",), example_config="configs/experiments/fig11_finetune.yaml")
+STUDY = Study(name="fig11_finetune", module="finetune", paper="Fig. 11", title="attention-only fine-tuning",
+              run=run, columns=COLUMNS, quick=QUICK, replace=("arch",), jobs=jobs, score=_score_size, plot=plot)
+
+
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

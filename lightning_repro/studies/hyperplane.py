@@ -1,58 +1,22 @@
 """Noise-hyperplane maps (Zhang et al., ICML 2024, Fig. 7): different diffusion models map a whole plane of
 initial noises to images the same way.
 
-Three seeds give noises ``z1, z2, z3 = seed_noise(plane.seeds)`` (D = C x H x W values each).  They span the
-plane of noises
+Three seeds give noises ``z1, z2, z3 = seed_noise(plane.seeds)``, which span the plane
+``z(a, b) = z1 + a (z2 - z1) + b (z3 - z1)``, ``a, b in [-margin, 1 + margin]``.  An R x R grid of it (``plane_grid``)
+is rescaled to the norm sqrt(D) of a typical N(0, I) draw (``rescale_to_sphere``: a convex combination of draws
+is shorter), and so are the anchors.  Each model samples every grid noise and the three anchor noises with the
+same deterministic sampler (``sampling.sample_from_noise``); each grid image is labelled by its nearest anchor
+image (descriptor cosine), one coloured map per model; ``agreement(A, B)`` is the fraction of grid points with
+the same label.  Models: ``optimal`` (the optimal denoiser of the subset, Prop. 1), a checkpoint path (or
+``{checkpoint: PATH}``), or ``{class_path, init_args}`` (trained here on the subset).
 
-    z(a, b) = z1 + a (z2 - z1) + b (z3 - z1),        a, b in [-margin, 1 + margin],
-
-so ``z(0, 0) = z1``, ``z(1, 0) = z2``, ``z(0, 1) = z3`` (the triangle of the three anchors, with a margin
-around it).  An R x R grid of (a, b) (``plane.resolution``, equally spaced, a along the horizontal axis) is
-taken, and every grid noise is rescaled to the norm sqrt(D): a convex combination of Gaussian draws is
-shorter than a typical draw (e.g. the triangle's centre has norm ~ sqrt(D / 3)), and the rescaled point
-stays on the sphere where N(0, I) draws concentrate, i.e. a typical initial noise.  The anchors are
-rescaled the same way (they keep their direction; with ``margin: 0`` the grid's corners (0, 0), (1, 0) and
-(0, 1) are exactly the anchors' noises).  See ``plane_grid``.
-
-Each model samples every grid noise and the three anchor noises with the same deterministic sampler
-(``sampling.sample_from_noise``: ``x_T = kernel.prior_scale * z``, EDM Heun 18 steps).  Each grid image is
-labelled by its nearest of that model's three anchor images (descriptor cosine similarity; the pixel
-descriptor on 8 x 8 digits), which gives one coloured map per model.  ``agreement(A, B)`` is the fraction of
-grid points on which two models give the same label: the paper's claim is that different models (and, in
-the memorization regime, the optimal denoiser of the empirical distribution, Prop. 1) draw nearly the same
-map.
-
-Models (``models``: name -> entry): ``optimal`` (the ``EmpiricalOptimalDenoiser`` of the training subset,
-sampled on the first other model's kernel, else ``kernel``), a checkpoint path or ``{checkpoint: PATH}`` (a
-trained unconditional ``DiffusionModule``; its EMA denoiser), or ``{class_path, init_args}`` (an architecture
-the study trains on the training subset with ``train``, via ``TrainJob``; a rerun skips finished trainings).
-
-Command::
-
-    python -m lightning_repro.studies.hyperplane --config configs/experiments/hyperplane.yaml [--out DIR] [--quick]
-
-writes ``DIR/hyperplane.png`` (one column per model: its map with the anchors marked, its three anchor images,
-and a mosaic of its samples on a coarse sub-grid of the plane), ``DIR/hyperplane.csv`` (one row per pair of
-models: agreement), ``DIR/labels.npz`` (every model's R x R labels and the grid coordinates), checkpoints
-``DIR/checkpoints/<name>_N<N>_<hash>.ckpt`` and a W&B run in group ``hyperplane``.
-
-Scale.  CPU defaults (``configs/experiments/hyperplane.yaml``): 8 x 8 digits, N = 64 training images (the
-memorization regime, where the optimal denoiser is the reference); the single-token DiT (patch 8, hidden 128,
-depth 3) and U-ViT (patch 8, width 128, depth 2), 2,000 steps of batch 256 (trained at once, ``workers: 2``),
-plus ``optimal``; R = 32 (1,024 + 3 samples per model), margin 0.25, seeds 0, 1, 2.  Measured
-(2026-11-27): agreement DiT|U-ViT 0.96, DiT|optimal 0.87, U-ViT|optimal 0.86 at N = 64; with ``size: 1024``
-(generalization regime) DiT|U-ViT 0.92 but DiT|optimal 0.77, U-ViT|optimal 0.70: the two networks still draw
-the same map while leaving the empirical optimal denoiser's.  2 min 26 s wall (measured from scratch on an
-otherwise idle 2-core machine).
-
-Full scale, as the paper: ``data.source: cifar10``, N = 2^6 (memorization) or 2^15 (generalization); models
-at the paper's widths (or ``{checkpoint: ...}`` of trained ones); ``plane.resolution: 64``;
-``metrics.descriptor: sscd``.
+Writes ``DIR/hyperplane.png`` (per model: its map, its anchor images, a mosaic of its samples),
+``DIR/hyperplane.csv`` (agreement per pair of models), ``DIR/labels.npz`` and ``DIR/checkpoints/``.  Sizes,
+measured results and the full-scale settings: ``configs/studies/hyperplane.yaml``.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import sys
@@ -64,60 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import (
-    DIGITS_DIT,
-    DIGITS_TRAIN,
-    DIGITS_UVIT,
-    TrainJob,
-    config_key,
-    format_table,
-    load_trained,
-    log,
-    log_study_to_wandb,
-    module_kwargs_from,
-    prepare_output,
-    run_training_jobs,
-    save_figure,
-    study_job,
-    study_main,
-    write_csv,
-)
+from .outputs import finish, log, save_figure, save_npz
+from .protocol import Study, config_key, positive_int
+from .steps import prepare_output, subset_kwargs, trained_denoiser
+from .training import TrainJob, module_kwargs_from, run_training_jobs, study_job
 
-__all__ = [
-    "DEFAULTS",
-    "QUICK",
-    "QUICK_MODELS",
-    "COLUMNS",
-    "plane_grid",
-    "rescale_to_sphere",
-    "label_by_anchors",
-    "agreement",
-    "run_key",
-    "jobs",
-    "run",
-    "plot",
-    "main",
-]
-
-DEFAULTS: dict[str, Any] = {
-    "out": "outputs/hyperplane",
-    "threads": 1,
-    "workers": 2,
-    "device": "auto",
-    "data": {"source": "digits", "source_kwargs": {}, "subset_seed": 0, "batch_size": 256},
-    "size": 64,
-    "kernel": "edm",
-    "models": {
-        "dit": copy.deepcopy(DIGITS_DIT),
-        "uvit": copy.deepcopy(DIGITS_UVIT),
-        "optimal": "optimal",
-    },
-    "train": copy.deepcopy(DIGITS_TRAIN),
-    "plane": {"seeds": [0, 1, 2], "resolution": 32, "margin": 0.25},
-    "sample": {"sampler": "heun", "steps": 18, "batch_size": 256},
-    "metrics": {"descriptor": "pixel"},
-    "wandb": True,
-}
+__all__ = ["STUDY", "QUICK", "COLUMNS", "plane_grid", "rescale_to_sphere", "label_by_anchors", "agreement",
+           "run_key", "jobs", "run", "plot", "main"]
 
 #: ``--quick``: a tiny network and the optimal denoiser, a small grid, a few steps (for tests).
 QUICK: dict[str, Any] = {
@@ -127,17 +44,15 @@ QUICK: dict[str, Any] = {
     "train": {"max_steps": 3, "warmup_steps": 0},
     "plane": {"resolution": 6},
     "sample": {"steps": 4},
-}
-QUICK_MODELS: dict[str, Any] = {
-    "dit": {"class_path": "DiT", "init_args": {"patch_size": 4, "hidden_size": 16, "depth": 1, "num_heads": 1}},
-    "optimal": "optimal",
+    "models": {
+        "dit": {"class_path": "DiT", "init_args": {"patch_size": 4, "hidden_size": 16, "depth": 1, "num_heads": 1}},
+        "optimal": "optimal",
+    },
 }
 
 COLUMNS = ["model_a", "model_b", "agreement", "resolution", "margin", "seeds", "N", "descriptor", "sampler", "steps"]
 
 _COLOURS = ["#d62728", "#1f77b4", "#2ca02c"]  # anchor 1, 2, 3
-
-
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -217,22 +132,15 @@ def _checkpoint_path(entry: Any) -> Path:
 
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> dict[str, TrainJob]:
     """One ``TrainJob`` per architecture entry of ``models``, on the training subset of size ``size``."""
-    tr, d, n = cfg["train"], cfg["data"], int(cfg["size"])
-    module_kwargs = module_kwargs_from(cfg["kernel"], tr)
-    data_kwargs = dict(source=d["source"], size=n, subset_seed=d["subset_seed"], batch_size=d["batch_size"],
-                       source_kwargs=d.get("source_kwargs") or {})
-    out = {}
-    for name, entry in cfg["models"].items():
-        if _kind(name, entry) == "train":
-            ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_N{n}_{run_key(entry, n, cfg)}.ckpt"
-            out[name] = study_job(cfg, f"{name} N={n}", entry, image_shape, module_kwargs, data_kwargs, ckpt)
-    return out
+    n = int(cfg["size"])
+    module_kwargs, data_kwargs = module_kwargs_from(cfg["kernel"], cfg["train"]), subset_kwargs(cfg["data"], n)
+    return {name: study_job(cfg, f"{name} N={n}", entry, image_shape, module_kwargs, data_kwargs,
+                            Path(cfg["out"]) / "checkpoints" / f"{name}_N{n}_{run_key(entry, n, cfg)}.ckpt")
+            for name, entry in cfg["models"].items() if _kind(name, entry) == "train"}
 
 
 def _check(cfg: dict[str, Any]) -> None:
-    n = cfg["size"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"size must be a positive integer (the training subset), got {n!r}.")
+    positive_int(cfg["size"], "size", " (the training subset)")
     models = cfg["models"]
     if not isinstance(models, dict) or len(models) < 1:
         raise ValueError("models must be a non-empty mapping of name -> 'optimal' | checkpoint path | {class_path}.")
@@ -245,95 +153,93 @@ def _check(cfg: dict[str, Any]) -> None:
         raise ValueError(f"plane.seeds must be three different non-negative integers, got {seeds!r}.")
 
 
-def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Train / load every model, sample the plane, label, compare; write PNG / CSV / labels.npz / W&B."""
-    from ..data import SubsetDataModule
-    from ..kernels import get_kernel
-    from ..metrics import get_descriptor
+def _checkpoint_denoiser(name: str, path: Path, shape, source: str, device) -> tuple[Any, Any]:
+    """The EMA denoiser and kernel of a given checkpoint; one sentence unless it is unconditional and of ``shape``."""
     from ..module import load_denoiser
-    from ..sampling import sample_from_noise, seed_noise
+
+    den, kernel = load_denoiser(path, device)
+    if tuple(den.checkpoint_meta["image_shape"]) != tuple(shape):
+        raise ValueError(f"models.{name}: {path} makes {tuple(den.checkpoint_meta['image_shape'])} "
+                         f"images but the training data {source} has {tuple(shape)}.")
+    if den.checkpoint_meta.get("num_classes"):
+        raise ValueError(f"models.{name}: {path} is class-conditional; the plane maps need unconditional models.")
+    return den, kernel
+
+
+def _denoisers(cfg: dict[str, Any], train_jobs: dict[str, TrainJob], images: Tensor, device) -> dict[str, tuple]:
+    """name -> (denoiser, kernel); ``optimal`` is sampled on the first other model's kernel, else ``kernel``."""
+    from ..kernels import get_kernel
     from ..theory import EmpiricalOptimalDenoiser
 
-    _check(cfg)
-    out, device = prepare_output(cfg)
-    d, pl, sm = cfg["data"], cfg["plane"], cfg["sample"]
-    n, res, margin = int(cfg["size"]), pl["resolution"], pl["margin"]
-    t_start = time.time()
-    dm = SubsetDataModule(source=d["source"], size=n, subset_seed=d["subset_seed"],
-                          source_kwargs=d.get("source_kwargs") or {})
-    shape = dm.image_shape
-    anchors = rescale_to_sphere(seed_noise(pl["seeds"], shape))
-    grid, coords = plane_grid(seed_noise(pl["seeds"], shape), res, margin)
-    log(
-        f"hyperplane: models {list(cfg['models'])} on {d['source']} N={n}; plane of seeds {pl['seeds']}, "
-        f"{res}x{res} grid, a, b in [{0 - margin:g}, {1 + margin:g}], {sm['sampler']} {sm['steps']} steps -> {out}"
-    )
-    train_jobs = jobs(cfg, shape)
-    run_training_jobs(list(train_jobs.values()), int(cfg.get("workers", 1)), log=log)
-
-    desc = get_descriptor(cfg["metrics"]["descriptor"])
-    thr = float(desc.default_threshold)
-    denoisers: dict[str, tuple[Any, Any]] = {}
+    out: dict[str, tuple[Any, Any]] = {}
     for name, entry in cfg["models"].items():
         kind = _kind(name, entry)
         if kind == "train":
-            module, _ = load_trained(train_jobs[name])
-            denoisers[name] = (module.ema.to(device).eval().requires_grad_(False), module.kernel)
+            out[name] = trained_denoiser(train_jobs[name], device)[:2]
         elif kind == "checkpoint":
-            path = _checkpoint_path(entry)
-            den, kernel = load_denoiser(path, device)
-            if tuple(den.checkpoint_meta["image_shape"]) != tuple(shape):
-                raise ValueError(f"models.{name}: {path} makes {tuple(den.checkpoint_meta['image_shape'])} "
-                                 f"images but the training data {d['source']} has {tuple(shape)}.")
-            if den.checkpoint_meta.get("num_classes"):
-                raise ValueError(f"models.{name}: {path} is class-conditional; the plane maps need "
-                                 "unconditional models.")
-            denoisers[name] = (den, kernel)
-    ref_kernel = next(iter(denoisers.values()))[1] if denoisers else get_kernel(cfg["kernel"])
+            out[name] = _checkpoint_denoiser(name, _checkpoint_path(entry), images.shape[1:], cfg["data"]["source"],
+                                             device)
+    ref_kernel = next(iter(out.values()))[1] if out else get_kernel(cfg["kernel"])
     for name, entry in cfg["models"].items():
         if _kind(name, entry) == "optimal":
-            denoisers[name] = (EmpiricalOptimalDenoiser(dm.images, device=device), ref_kernel)
+            out[name] = (EmpiricalOptimalDenoiser(images, device=device), ref_kernel)
+    return {name: out[name] for name in cfg["models"]}
 
-    flat = grid.reshape(res * res, *shape)
-    labels: dict[str, Tensor] = {}
-    anchor_images: dict[str, Tensor] = {}
-    images: dict[str, Tensor] = {}
-    for name in cfg["models"]:
-        t0 = time.time()
-        den, kernel = denoisers[name]
-        kw = dict(sampler=sm["sampler"], steps=int(sm["steps"]), batch_size=int(sm["batch_size"]), device=device)
-        x_anchor = sample_from_noise(den, kernel, anchors, **kw)
-        x = sample_from_noise(den, kernel, flat, **kw)
-        fa = desc(x_anchor)
-        labels[name] = label_by_anchors(desc(x), fa).reshape(res, res)
-        anchor_images[name], images[name] = x_anchor, x.reshape(res, res, *shape)
-        sims = (fa @ fa.T).double()
-        close = [(i + 1, j + 1, float(sims[i, j])) for i, j in itertools.combinations(range(3), 2) if sims[i, j] > thr]
-        counts = torch.bincount(labels[name].reshape(-1), minlength=3).tolist()
-        log(f"  {name}: {res * res + 3} samples in {time.time() - t0:.0f}s; grid points per anchor {counts}"
-             + "".join(f"; warning: anchors {i} and {j} are nearly the same image (similarity {s:.3f})"
-                       for i, j, s in close))
 
-    names = list(cfg["models"])
-    rows = []
-    for a, b in itertools.combinations(names, 2):
-        rows.append({"model_a": a, "model_b": b, "agreement": agreement(labels[a], labels[b]), "resolution": res,
-                     "margin": float(margin), "seeds": ",".join(map(str, pl["seeds"])), "N": n,
-                     "descriptor": cfg["metrics"]["descriptor"], "sampler": sm["sampler"], "steps": int(sm["steps"])})
-    csv_path = write_csv(rows, out / "hyperplane.csv", COLUMNS)
-    npz = out / "labels.npz"
-    tmp = npz.with_name(".labels.npz.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, coords=coords.numpy(), names=np.asarray(names),
-                 **{f"labels_{k}": v.numpy().astype(np.int64) for k, v in labels.items()})
-    tmp.replace(npz)
-    png_path = plot(names, labels, anchor_images, images, coords, out / "hyperplane.png", n, pl["seeds"])
-    if rows:
-        log(format_table(rows, COLUMNS[:3]))
+def _map(name: str, den, kernel, anchors: Tensor, grid: Tensor, desc, cfg: dict, device) -> tuple:
+    """One model's (labels R x R, anchor images, grid images R x R x shape), logging the anchor counts."""
+    from ..sampling import sample_from_noise
+
+    t0, sm, res, shape = time.time(), cfg["sample"], grid.shape[0], anchors.shape[1:]
+    kw = dict(sampler=sm["sampler"], steps=int(sm["steps"]), batch_size=int(sm["batch_size"]), device=device)
+    x_anchor = sample_from_noise(den, kernel, anchors, **kw)
+    x = sample_from_noise(den, kernel, grid.reshape(res * res, *shape), **kw)
+    fa = desc(x_anchor)
+    labels = label_by_anchors(desc(x), fa).reshape(res, res)
+    sims, thr = (fa @ fa.T).double(), float(desc.default_threshold)
+    close = [(i + 1, j + 1, float(sims[i, j])) for i, j in itertools.combinations(range(3), 2) if sims[i, j] > thr]
+    counts = torch.bincount(labels.reshape(-1), minlength=3).tolist()
+    log(f"  {name}: {res * res + 3} samples in {time.time() - t0:.0f}s; grid points per anchor {counts}"
+        + "".join(f"; warning: anchors {i} and {j} are nearly the same image (similarity {s:.3f})"
+                  for i, j, s in close))
+    return labels, x_anchor, x.reshape(res, res, *shape)
+
+
+def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train / load every model, sample the plane, label, compare; write PNG / CSV / labels.npz / W&B."""
+    from ..data import SubsetDataModule
+    from ..metrics import get_descriptor
+    from ..sampling import seed_noise
+
+    _check(cfg)
+    out, device = prepare_output(cfg)
+    pl, sm, n, t_start = cfg["plane"], cfg["sample"], int(cfg["size"]), time.time()
+    res, margin = pl["resolution"], pl["margin"]
+    dm = SubsetDataModule(**subset_kwargs(cfg["data"], n, batch_size=None))
+    shape = dm.image_shape
+    anchors = rescale_to_sphere(seed_noise(pl["seeds"], shape))
+    grid, coords = plane_grid(seed_noise(pl["seeds"], shape), res, margin)
+    log(f"hyperplane: models {list(cfg['models'])} on {cfg['data']['source']} N={n}; plane of seeds {pl['seeds']}, "
+        f"{res}x{res} grid, a, b in [{0 - margin:g}, {1 + margin:g}], {sm['sampler']} {sm['steps']} steps -> {out}")
+    train_jobs = jobs(cfg, shape)
+    run_training_jobs(list(train_jobs.values()), cfg["workers"])
+    desc, names = get_descriptor(cfg["metrics"]["descriptor"]), list(cfg["models"])
+    maps = {name: _map(name, den, kernel, anchors, grid, desc, cfg, device)
+            for name, (den, kernel) in _denoisers(cfg, train_jobs, dm.images, device).items()}
+    labels = {name: m[0] for name, m in maps.items()}
+    rows = [{"model_a": a, "model_b": b, "agreement": agreement(labels[a], labels[b]), "resolution": res,
+             "margin": float(margin), "seeds": ",".join(map(str, pl["seeds"])), "N": n,
+             "descriptor": cfg["metrics"]["descriptor"], "sampler": sm["sampler"], "steps": int(sm["steps"])}
+            for a, b in itertools.combinations(names, 2)]
+    save_npz(out / "labels.npz", coords=coords.numpy(), names=np.asarray(names),
+             **{f"labels_{k}": v.numpy().astype(np.int64) for k, v in labels.items()})
+    png = plot(names, labels, {k: m[1] for k, m in maps.items()}, {k: m[2] for k, m in maps.items()}, coords,
+               out / "hyperplane.png", n, pl["seeds"])
     summary = {f"agreement/{r['model_a']}|{r['model_b']}": r["agreement"] for r in rows}
-    log_study_to_wandb("hyperplane", cfg, rows, COLUMNS, {"hyperplane": png_path}, summary)
+    csv_path = finish(STUDY.name, cfg, rows, COLUMNS, "hyperplane.csv", {"hyperplane": png}, summary,
+                      COLUMNS[:3] if rows else ())
     text = ", ".join(f"{r['model_a']}|{r['model_b']} {r['agreement']:.3f}" for r in rows) or "one model, no pairs"
-    log(f"hyperplane done in {time.time() - t_start:.0f}s: agreement {text} | {csv_path} | {png_path}")
+    log(f"hyperplane done in {time.time() - t_start:.0f}s: agreement {text} | {csv_path} | {png}")
     return rows
 
 
@@ -389,18 +295,11 @@ def plot(names: list[str], labels: dict[str, Tensor], anchor_images: dict[str, T
     return save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """``python -m lightning_repro.studies.hyperplane --config FILE [--out DIR] [--quick]``; returns the CSV rows."""
-    return study_main(
-        argv,
-        "python -m lightning_repro.studies.hyperplane",
-        __doc__,
-        run,
-        DEFAULTS,
-        {**QUICK, "models": QUICK_MODELS},
-        replace=("models",),
-        example_config="configs/experiments/hyperplane.yaml",
-    )
+STUDY = Study(name="hyperplane", module="hyperplane", paper="Fig. 7", title="noise-hyperplane maps", run=run,
+              columns=COLUMNS, quick=QUICK, replace=("models",), jobs=jobs, score=_map, plot=plot)
+
+
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

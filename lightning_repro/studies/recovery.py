@@ -1,57 +1,22 @@
 """Model recovery (Zhang et al., ICML 2024, Sec. 3.2.1, Case 2): a student trained on a teacher's samples
 reproduces the teacher.
 
-For every training-set size N:
+For every size N: the **teacher** is trained on subset A (the first N images of the ``subset_seed``
+permutation); the **student**, same architecture, on N of the teacher's own deterministic samples (the
+``generated`` source, seeds from ``generated.seeds_start``, disjoint from the evaluation seeds: checked); the
+**baseline**, same architecture, on a subset B of N images disjoint from A (the images not in A, written to
+``<out>/data/complement_*.npz``).  Student and baseline share the weight seed ``train.seed + 1``, the teacher has
+``train.seed``.  All three are compared through ``evaluate.py --pair`` (``lightning_repro.evaluation.main``):
+RP(teacher, student) and RP(teacher, baseline) from the same seeds, MAE, and GL of each against its own data.
+The paper's claim: RP(teacher, student) > RP(teacher, baseline).
 
-* **teacher**  trained on subset A = the first N images of the ``subset_seed`` permutation of the source;
-* **student**  the same architecture trained on N of the teacher's own samples (the ``generated`` data
-               source: deterministic Heun samples of the teacher's EMA denoiser at seeds
-               ``generated.seeds_start`` ... ``+ N - 1``, default 1,000,000 on, cached in a ``.npz`` next to
-               the teacher's checkpoint); these seeds must be disjoint from the evaluation seeds (checked);
-* **baseline** the same architecture trained on a *different* subset B of the same size N, disjoint from A:
-               the source's images that are not in A are written (uint8, with labels, in permutation order)
-               to ``<out>/data/complement_<hash>.npz`` and the baseline takes N of them (``npz`` source,
-               same ``subset_seed``); so A and B never share an image, and B comes from the same distribution.
-
-Student and baseline are initialised with the same weight seed (``train.seed + 1``), the teacher with
-``train.seed``, so both differ from the teacher in their initial weights and their training data only.
-
-All three are then compared with the real ``evaluate.py --pair`` path (``lightning_repro.evaluation.main``):
-RP(teacher, student) and RP(teacher, baseline) from the same evaluation seeds (Sec. 2.1), MAE, and GL of each
-model against its own training set (``--gl``).  The paper's claim: the student recovers the teacher,
-RP(teacher, student) > RP(teacher, baseline).
-
-Command::
-
-    python -m lightning_repro.studies.recovery --config configs/experiments/recovery.yaml [--out DIR] [--quick]
-
-writes ``DIR/recovery.csv`` (one row per N: ``rp_teacher_student``, ``rp_teacher_baseline``, MAEs, mean
-similarities, GLs), ``DIR/recovery.png`` (for each N the teacher / student / baseline samples of the same
-seeds, one row each; with several N also RP vs N), ``DIR/eval/N<N>_{student,baseline}/`` (``results.json``,
-``pair.png`` and the cached samples of each ``evaluate.py --pair`` run), checkpoints
-``DIR/checkpoints/{teacher,student,baseline}_N<N>_<hash>.ckpt`` (the hash covers each run's training
-configuration, the student's includes the teacher's; a rerun skips finished trainings) and a W&B run in
-group ``recovery``.
-
-Scale.  CPU defaults (``configs/experiments/recovery.yaml``): 8 x 8 digits, N = 512; the single-token DiT (patch
-8, hidden 128, depth 3; ~1M parameters), EDM kernel with training noise ln(sigma) ~ N(0.5, 1), 2,000 steps of
-batch 256, EMA half-life 25% of training; teacher and baseline trained at once (``workers: 2``, one thread each),
-then the student; 256 evaluation seeds 0-255, Heun 18 steps, pixel descriptor (threshold 0.97). N = 512 is past
-the memorization regime (the teacher's GL is ~0.9: 91% of its samples have no training image above the threshold),
-so the student cannot succeed by copying the same training images.  Measured (2026-11-27): N = 512: RP(teacher,
-student) = 0.61, RP(teacher, baseline) = 0.31 (MAE 15.5 vs 19.8; GL teacher 0.91); N = 256: 0.54 vs 0.12 (GL
-teacher 0.54).  3 min 42 s wall (measured from scratch on an otherwise idle 2-core machine, 2026-11-27; the same
-numbers as on a loaded machine: the study is deterministic).
-
-Full scale, as the paper: ``data.source: cifar10``; an EDM U-Net / DiT at the paper's widths; N in the
-generalization regime (e.g. 2^14 - 2^15); ``generated.seeds_start: 1000000`` (the student's N samples);
-``sample.seeds: 10000``; ``metrics.descriptor: sscd`` (threshold 0.6); one GPU per training (``workers: 1,
-threads: null``).
+Writes ``DIR/recovery.csv`` (one row per N), ``DIR/recovery.png`` (teacher / student / baseline samples of the
+same seeds), ``DIR/eval/N<N>_{student,baseline}/`` (each ``--pair`` run), ``DIR/checkpoints/`` and a W&B run.
+Sizes, measured results and the full-scale settings: ``configs/studies/recovery.yaml``.
 """
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from pathlib import Path
@@ -60,54 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import (
-    DIGITS_DIT,
-    DIGITS_TRAIN,
-    TrainJob,
-    config_key,
-    format_table,
-    log,
-    log_study_to_wandb,
-    module_kwargs_from,
-    prepare_output,
-    run_training_jobs,
-    save_figure,
-    source_image_shape,
-    study_job,
-    study_main,
-    write_csv,
-)
+from .outputs import finish, log, n_axis, save_figure, save_npz, write_csv
+from .protocol import Study, config_key
+from .steps import check_sizes, prepare_output, source_image_shape
+from .training import TrainJob, module_kwargs_from, run_training_jobs, study_job
 
-__all__ = [
-    "DEFAULTS",
-    "QUICK",
-    "QUICK_ARCH",
-    "COLUMNS",
-    "run_key",
-    "evaluation_seeds",
-    "generated_seeds",
-    "write_complement",
-    "jobs",
-    "run",
-    "plot",
-    "main",
-]
-
-DEFAULTS: dict[str, Any] = {
-    "out": "outputs/recovery",
-    "threads": 1,
-    "workers": 2,
-    "device": "auto",
-    "data": {"source": "digits", "source_kwargs": {}, "subset_seed": 0, "batch_size": 256},
-    "sizes": [512],
-    "kernel": "edm",
-    "arch": copy.deepcopy(DIGITS_DIT),
-    "train": copy.deepcopy(DIGITS_TRAIN),
-    "generated": {"seeds_start": 1_000_000, "sampler": "heun", "steps": 18, "guidance": 1.0},
-    "sample": {"seeds": 256, "sampler": "heun", "steps": 18},
-    "metrics": {"descriptor": "pixel", "threshold": None},
-    "wandb": True,
-}
+__all__ = ["STUDY", "QUICK", "COLUMNS", "run_key", "evaluation_seeds", "generated_seeds", "write_complement", "jobs",
+           "run", "plot", "main"]
 
 #: ``--quick``: a tiny network, one small N, a few steps (for tests; the numbers mean nothing).
 QUICK: dict[str, Any] = {
@@ -117,33 +41,12 @@ QUICK: dict[str, Any] = {
     "train": {"max_steps": 3, "warmup_steps": 0},
     "generated": {"steps": 4},
     "sample": {"seeds": 8, "steps": 4},
-}
-QUICK_ARCH: dict[str, Any] = {
-    "class_path": "DiT",
-    "init_args": {"patch_size": 4, "hidden_size": 16, "depth": 1, "num_heads": 1},
+    "arch": {"class_path": "DiT", "init_args": {"patch_size": 4, "hidden_size": 16, "depth": 1, "num_heads": 1}},
 }
 
-COLUMNS = [
-    "N",
-    "rp_teacher_student",
-    "rp_teacher_baseline",
-    "mae_teacher_student",
-    "mae_teacher_baseline",
-    "sim_teacher_student",
-    "sim_teacher_baseline",
-    "gl_teacher",
-    "gl_student",
-    "gl_baseline",
-    "n_seeds",
-    "eval_seeds",
-    "student_seeds",
-    "threshold",
-    "descriptor",
-    "arch",
-    "steps",
-]
-
-
+COLUMNS = ["N", "rp_teacher_student", "rp_teacher_baseline", "mae_teacher_student", "mae_teacher_baseline",
+           "sim_teacher_student", "sim_teacher_baseline", "gl_teacher", "gl_student", "gl_baseline", "n_seeds",
+           "eval_seeds", "student_seeds", "threshold", "descriptor", "arch", "steps"]
 
 
 def run_key(role: str, n: int, cfg: dict[str, Any]) -> str:
@@ -216,11 +119,7 @@ def write_complement(cfg: dict[str, Any], n: int) -> tuple[Path, int]:
         arrays = {"images": float_to_uint8(src.images[rest]), "source_index": rest.numpy().astype(np.int64)}
         if src.labels is not None:
             arrays["labels"] = src.labels[rest].numpy().astype(np.int64)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        tmp.replace(path)
+        save_npz(path, **arrays)
     return path.resolve(), len(rest)
 
 
@@ -258,10 +157,7 @@ def jobs(cfg: dict[str, Any], n: int, image_shape: tuple[int, ...], complement: 
 
 
 def _check(cfg: dict[str, Any]) -> None:
-    sizes = cfg["sizes"]
-    if not isinstance(sizes, list) or not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
-                                                       for n in sizes):
-        raise ValueError(f"sizes must be a non-empty list of positive integers, got {sizes!r}.")
+    sizes = check_sizes(cfg["sizes"])
     if not isinstance(cfg["arch"], dict) or "class_path" not in cfg["arch"]:
         raise ValueError("arch must be a mapping with class_path and init_args.")
     for n in sizes:
@@ -282,83 +178,71 @@ def _evaluate_pair(a: str, b: str, out: Path, seeds: list[int], cfg: dict[str, A
         raise ValueError(str(err.code if isinstance(err.code, str) else err).removeprefix("error: ")) from None
 
 
-def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Train (or load) teacher, baseline and student for every N, evaluate both pairs, write CSV / PNG / W&B."""
+def _train_all(cfg: dict[str, Any], sizes: list[int]) -> dict[int, dict[str, TrainJob]]:
+    """Teachers and baselines first (in parallel), then the teachers' samples, then the students."""
     from ..data import get_source
-    from ..evaluation import load_samples
 
-    _check(cfg)
-    out, device = prepare_output(cfg)
-    d, g = cfg["data"], cfg["generated"]
-    sizes = sorted(cfg["sizes"])
-    ev_seeds = evaluation_seeds(cfg)
-    t_start = time.time()
-    log(
-        f"recovery: teacher / student (on {g['sampler']} samples of the teacher, seeds from {g['seeds_start']}) / "
-        f"baseline (disjoint data) for N in {sizes} on {d['source']}, {cfg['train']['max_steps']} steps each; "
-        f"evaluation seeds {_seed_text(ev_seeds)} -> {out}"
-    )
-    shape = source_image_shape(d)
+    shape = source_image_shape(cfg["data"])
     all_jobs = {}
     for n in sizes:
         complement, n_rest = write_complement(cfg, n)
         all_jobs[n] = jobs(cfg, n, shape, complement)
         log(f"  N={n}: baseline subset B = {n} of the {n_rest} images not in A ({complement.name})")
-    # teachers and baselines first (in parallel), then the teachers' samples, then the students
-    run_training_jobs([j[r] for j in all_jobs.values() for r in ("teacher", "baseline")], int(cfg["workers"]),
-                      log=log)
+    run_training_jobs([j[r] for j in all_jobs.values() for r in ("teacher", "baseline")], cfg["workers"])
     for n, j in all_jobs.items():
         t0 = time.time()
         src = get_source("generated", **j["student"].data_kwargs["source_kwargs"])
         log(f"  N={n}: {len(src)} teacher samples for the student ready ({time.time() - t0:.0f}s)")
-    run_training_jobs([j["student"] for j in all_jobs.values()], int(cfg["workers"]), log=log)
+    run_training_jobs([j["student"] for j in all_jobs.values()], cfg["workers"])
+    return all_jobs
 
+
+def _score_size(cfg: dict[str, Any], n: int, j: dict[str, TrainJob], ev_seeds: list[int], out: Path, device):
+    """The row of size ``n`` (both ``--pair`` evaluations) and its sample grids (the first 16 seeds)."""
+    from ..evaluation import load_samples
+
+    res = {}
+    for role in ("student", "baseline"):
+        log(f"evaluate.py --pair teacher {role} (N={n}) ...")
+        res[role] = _evaluate_pair(j["teacher"].ckpt, j[role].ckpt, out / "eval" / f"N{n}_{role}", ev_seeds, cfg,
+                                   device)
+    rs, rb = res["student"], res["baseline"]
+    row = {"N": n, "rp_teacher_student": float(rs["rp"]), "rp_teacher_baseline": float(rb["rp"]),
+           "mae_teacher_student": float(rs["mae_mean"]), "mae_teacher_baseline": float(rb["mae_mean"]),
+           "sim_teacher_student": float(rs["mean_similarity"]), "sim_teacher_baseline": float(rb["mean_similarity"]),
+           "gl_teacher": float(rs["gl_a"]), "gl_student": float(rs["gl_b"]), "gl_baseline": float(rb["gl_b"]),
+           "n_seeds": int(rs["n"]), "eval_seeds": _seed_text(ev_seeds),
+           "student_seeds": j["student"].data_kwargs["source_kwargs"]["seeds"], "threshold": float(rs["threshold"]),
+           "descriptor": rs["descriptor"], "arch": str(cfg["arch"]["class_path"]),
+           "steps": int(cfg["train"]["max_steps"])}
+    first = ev_seeds[: min(16, len(ev_seeds))]
+    grid = {name: load_samples(path).select(first, f"{name} samples").float_images()
+            for name, path in (("teacher", rs["samples_a"]), ("student", rs["samples_b"]),
+                               ("baseline", rb["samples_b"]))}
+    return row, grid
+
+
+def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train (or load) teacher, baseline and student for every N, evaluate both pairs, write CSV / PNG / W&B."""
+    _check(cfg)
+    out, device = prepare_output(cfg)
+    g, sizes, ev_seeds, t_start = cfg["generated"], sorted(cfg["sizes"]), evaluation_seeds(cfg), time.time()
+    log(f"recovery: teacher / student (on {g['sampler']} samples of the teacher, seeds from {g['seeds_start']}) / "
+        f"baseline (disjoint data) for N in {sizes} on {cfg['data']['source']}, {cfg['train']['max_steps']} steps "
+        f"each; evaluation seeds {_seed_text(ev_seeds)} -> {out}")
+    all_jobs = _train_all(cfg, sizes)
     rows: list[dict[str, Any]] = []
     grids: dict[int, dict[str, torch.Tensor]] = {}
-    k = min(16, len(ev_seeds))
     for n, j in all_jobs.items():
-        res = {}
-        for role in ("student", "baseline"):
-            log(f"evaluate.py --pair teacher {role} (N={n}) ...")
-            res[role] = _evaluate_pair(j["teacher"].ckpt, j[role].ckpt, out / "eval" / f"N{n}_{role}", ev_seeds,
-                                       cfg, device)
-        rs, rb = res["student"], res["baseline"]
-        rows.append({
-            "N": n,
-            "rp_teacher_student": float(rs["rp"]),
-            "rp_teacher_baseline": float(rb["rp"]),
-            "mae_teacher_student": float(rs["mae_mean"]),
-            "mae_teacher_baseline": float(rb["mae_mean"]),
-            "sim_teacher_student": float(rs["mean_similarity"]),
-            "sim_teacher_baseline": float(rb["mean_similarity"]),
-            "gl_teacher": float(rs["gl_a"]),
-            "gl_student": float(rs["gl_b"]),
-            "gl_baseline": float(rb["gl_b"]),
-            "n_seeds": int(rs["n"]),
-            "eval_seeds": _seed_text(ev_seeds),
-            "student_seeds": j["student"].data_kwargs["source_kwargs"]["seeds"],
-            "threshold": float(rs["threshold"]),
-            "descriptor": rs["descriptor"],
-            "arch": str(cfg["arch"]["class_path"]),
-            "steps": int(cfg["train"]["max_steps"]),
-        })
-        first = ev_seeds[:k]
-        grids[n] = {
-            "teacher": load_samples(rs["samples_a"]).select(first, "teacher samples").float_images(),
-            "student": load_samples(rs["samples_b"]).select(first, "student samples").float_images(),
-            "baseline": load_samples(rb["samples_b"]).select(first, "baseline samples").float_images(),
-        }
+        row, grids[n] = _score_size(cfg, n, j, ev_seeds, out, device)
+        rows.append(row)
         write_csv(rows, out / "recovery.csv", COLUMNS)
-    csv_path = write_csv(rows, out / "recovery.csv", COLUMNS)
-    png_path = plot(rows, grids, out / "recovery.png")
-    log(format_table(rows, COLUMNS[:10]))
+    png = plot(rows, grids, out / "recovery.png")
     summary = {f"N{r['N']}/{c}": r[c] for r in rows for c in COLUMNS[1:10]}
-    log_study_to_wandb("recovery", cfg, rows, COLUMNS, {"recovery": png_path}, summary)
-    text = ", ".join(
-        f"N={r['N']}: RP(teacher, student)={r['rp_teacher_student']:.3f} vs RP(teacher, baseline)="
-        f"{r['rp_teacher_baseline']:.3f}" for r in rows
-    )
-    log(f"recovery done in {time.time() - t_start:.0f}s: {text} | {csv_path} | {png_path}")
+    csv_path = finish(STUDY.name, cfg, rows, COLUMNS, "recovery.csv", {"recovery": png}, summary, COLUMNS[:10])
+    text = ", ".join(f"N={r['N']}: RP(teacher, student)={r['rp_teacher_student']:.3f} vs RP(teacher, baseline)="
+                     f"{r['rp_teacher_baseline']:.3f}" for r in rows)
+    log(f"recovery done in {time.time() - t_start:.0f}s: {text} | {csv_path} | {png}")
     return rows
 
 
@@ -394,11 +278,7 @@ def plot(rows: list[dict[str, Any]], grids: dict[int, dict[str, torch.Tensor]], 
         ns = [r["N"] for r in rows]
         ax.plot(ns, [r["rp_teacher_student"] for r in rows], marker="o", label="RP(teacher, student)")
         ax.plot(ns, [r["rp_teacher_baseline"] for r in rows], marker="s", label="RP(teacher, baseline)")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("training set size N")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        n_axis(ax, "RP vs N", legend_size=8)
     r0 = rows[0]
     fig.suptitle(
         f"Model recovery (Sec. 3.2.1): same seeds, {r0['descriptor']} descriptor, threshold {r0['threshold']:g}",
@@ -407,18 +287,11 @@ def plot(rows: list[dict[str, Any]], grids: dict[int, dict[str, torch.Tensor]], 
     return save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """``python -m lightning_repro.studies.recovery --config FILE [--out DIR] [--quick]``; returns the CSV rows."""
-    return study_main(
-        argv,
-        "python -m lightning_repro.studies.recovery",
-        __doc__,
-        run,
-        DEFAULTS,
-        {**QUICK, "arch": QUICK_ARCH},
-        replace=("arch", "sizes"),
-        example_config="configs/experiments/recovery.yaml",
-    )
+STUDY = Study(name="recovery", module="recovery", paper="Sec. 3.2.1", title="model recovery from a teacher's samples",
+              run=run, columns=COLUMNS, quick=QUICK, replace=("arch", "sizes"), jobs=jobs, score=_score_size, plot=plot)
+
+
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":

@@ -1,55 +1,24 @@
 """Fig. 2 of Zhang et al. (ICML 2024): the memorization-to-generalization phase transition, as a sweep.
 
-A grid over training-set size N (powers of two), network family and width, and seed is trained (one model
-per grid point, all on the same nested subsets), then every model is sampled from the *same* seeds with the
-deterministic EDM Heun sampler and scored (Sec. 2.1):
+A grid over training-set size N (powers of two), network family, width and seed is trained (one model per grid
+point, all on the same nested subsets), every model is sampled from the *same* seeds and scored (Sec. 2.1):
+``family_pair`` (RP between two families of the same width, N and seed), ``width_pair`` (two widths of a family),
+``seed_pair`` (two seeds) and, per ``model``, GL against its own subset and RP against the optimal denoiser of
+that subset (Prop. 1).  The paper shows RP high at small N (copies of training images, GL ~ 0), a dip at
+intermediate N, and high again at large N on new images (GL ~ 1).
 
-* ``family_pair``  RP between two families (e.g. DiT vs U-ViT) of the same width, N and seed — the paper's
-                   "model reproducibility" across architectures;
-* ``width_pair``   RP between two widths of the same family, N and seed;
-* ``seed_pair``    RP between two seeds of the same family, width and N (when the grid has several seeds);
-* ``model``        each model's GL against its own training subset (1 - fraction of samples whose nearest
-                   training image is above the threshold) and its RP against the optimal denoiser of that
-                   subset (Prop. 1: the memorization solution).
+Three ways to run the same grid (a grid point's checkpoint has one name whichever runs it, so they mix)::
 
-The paper's Fig. 2 shows RP high at small N (every model reproduces the empirical optimal denoiser: copies of
-training images, GL ~ 0), a dip at intermediate N (models memorise or generalise each in their own way), and
-RP high again at large N, now on new images (GL ~ 1).
+    python -m lightning_repro.studies.sweep --config configs/studies/phase_transition.yaml   # local, resumable
+    python -m lightning_repro.studies.sweep --config configs/studies/phase_transition.yaml \
+        --emit-wandb outputs/phase_transition/wandb_sweep.yaml      # W&B Sweeps: one agent run per grid point
+    python -m lightning_repro.studies.sweep --config configs/studies/phase_transition.yaml --aggregate-only
 
-Three ways to run the same grid (the checkpoint of a grid point has one name whichever runs it, so they mix)::
-
-    # locally, one run after another (``workers: 2`` trains two at once); finished runs are skipped, so a killed
-    # sweep resumes where it stopped; then aggregate:
-    python -m lightning_repro.studies.sweep --config configs/sweeps/phase_transition.yaml
-
-    # on a cluster with W&B Sweeps: emit the sweep file, create the sweep, one agent per GPU, then aggregate
-    python -m lightning_repro.studies.sweep --config configs/sweeps/phase_transition.yaml \
-        --emit-wandb outputs/phase_transition/wandb_sweep.yaml
-    wandb sweep outputs/phase_transition/wandb_sweep.yaml          # prints the sweep id
-    CUDA_VISIBLE_DEVICES=0 wandb agent <entity/project/id> &        # one per GPU
-    python -m lightning_repro.studies.sweep --config configs/sweeps/phase_transition.yaml --aggregate-only
-
-    # one grid point (what each agent run executes; ``--family=dit`` etc. are filled in by the agent)
-    python -m lightning_repro.studies.sweep --config configs/sweeps/phase_transition.yaml \
-        --train-point --family dit --width 128 --size 64 --seed 0
-
-Outputs: ``DIR/phase_transition.csv`` (one row per model and per compared pair; column ``kind``),
-``DIR/phase_transition.png`` (RP vs N and GL vs N, log2 N axis, one line per width), ``DIR/samples/<point>.png``,
-``DIR/checkpoints/<family>_w<width>_N<N>_s<seed>_<hash>.ckpt`` (the hash covers the run's training
-configuration) and a W&B run ``phase_transition`` in group ``phase_transition`` with the table and the plot,
-beside one W&B run per trained grid point in the same group (config: arch, kernel, size, subset_seed, seed,
-family, width).
-
-Scale.  CPU defaults (``configs/sweeps/phase_transition.yaml``): 8 x 8 digits, N = 16 ... 1024 (7 sizes),
-single-token DiT and U-ViT (one 8 x 8 patch: transformer MLPs, which learn the empirical optimal denoiser on this
-budget; see ``studies.memorization``) at widths 64 and 128, 1,500 steps of batch 256, 256 seeds: 28 trainings, two
-at once with one thread each: 27 min 25 s wall measured (2026-11-27, the first half on a machine shared with other
-jobs).  What it showed (256 seeds, pixel descriptor at 0.97): at width 128 RP(DiT, U-ViT) 0.95 at N = 16 (GL 0,
-both reproduce the optimal denoiser), a dip to 0.86 at N = 128-256, 0.92 at N = 1024 (GL 0.97); RP(width 64, width
-128) of DiT 0.86 -> 0.37 -> 0.79; the width-64 models do not memorise on this budget (U-ViT-64 GL 1.0 already at
-N = 16).  Full scale (one GPU per agent): ``data.source: cifar10``, N = 2^6 ... 2^15, DiT-S/2 and U-ViT-S/2 families
-(``patch_size: 2``) and the EDM U-Net, widths e.g. 64 / 128 / 256, ``train.max_steps`` in the hundreds of
-thousands, ``sample.seeds: 10000``, ``metrics.descriptor: sscd``.
+(``--train-point --family dit --width 128 --size 64 --seed 0`` is what each agent run executes.)  Writes
+``DIR/phase_transition.csv`` (one row per model and per compared pair; column ``kind``), ``DIR/phase_transition.png``,
+``DIR/samples/<point>.png``, ``DIR/checkpoints/<family>_w<width>_N<N>_s<seed>_<hash>.ckpt`` and W&B runs in group
+``phase_transition`` (one per grid point, one with the table).  Sizes, measured results and the full-scale
+settings: ``configs/studies/phase_transition.yaml``.
 """
 
 from __future__ import annotations
@@ -62,57 +31,22 @@ from typing import Any
 
 import torch
 
-from . import (
-    TrainJob,
-    config_key,
-    format_table,
-    load_trained,
-    log,
-    log_study_to_wandb,
-    module_kwargs_from,
-    run_training_jobs,
-    save_figure,
-    set_threads,
+from ..evaluation import scoring as score
+from .outputs import atomic_bytes, finish, format_table, log, n_axis, save_figure, save_tensor, write_csv
+from .protocol import Study, config_key
+from .steps import (
+    StudySetup,
+    check_seed_count,
+    sample_seeds,
     setup_study,
     source_image_shape,
-    study_job,
-    study_main,
-    write_csv,
+    subset_kwargs,
+    trained_denoiser,
 )
+from .training import TrainJob, module_kwargs_from, run_training_jobs, set_threads, study_job
 
-__all__ = ["DEFAULTS", "QUICK", "COLUMNS", "GridPoint", "grid_points", "point_job", "jobs", "wandb_sweep_config",
+__all__ = ["STUDY", "QUICK", "COLUMNS", "GridPoint", "grid_points", "point_job", "jobs", "wandb_sweep_config",
            "aggregate", "plot", "run", "main"]
-
-DEFAULTS: dict[str, Any] = {
-    "out": "outputs/phase_transition",
-    "group": "phase_transition",
-    "threads": 1,
-    "workers": 1,
-    "device": "auto",
-    "data": {"source": "digits", "source_kwargs": {}, "subset_seed": 0, "batch_size": 256},
-    "kernel": "edm",
-    "grid": {"size": [16, 32, 64, 128, 256, 512, 1024], "family": ["dit", "uvit"], "width": [64, 128],
-             "seed": [0]},
-    "families": {
-        "dit": {"class_path": "DiT", "width_arg": "hidden_size",
-                "init_args": {"patch_size": 8, "depth": 3, "num_heads": 4}},
-        "uvit": {"class_path": "UViT", "width_arg": "embed_dim",
-                 "init_args": {"patch_size": 8, "depth": 2, "num_heads": 4}},
-    },
-    "train": {
-        "max_steps": 1500,
-        "lr": 2e-3,
-        "warmup_steps": 100,
-        "ema_halflife_kimg": 1000.0,
-        "ema_rampup_ratio": 0.25,
-        "kernel_kwargs": {"P_mean": 0.5, "P_std": 1.0},
-        "trainer": {},
-        "wandb": True,
-    },
-    "sample": {"seeds": 256, "sampler": "heun", "steps": 18},
-    "metrics": {"descriptor": "pixel", "threshold": None},
-    "wandb": True,
-}
 
 #: ``--quick``: a 2 x 2 x 2 grid of tiny networks and a few steps (for tests; the numbers mean nothing).
 QUICK: dict[str, Any] = {
@@ -172,9 +106,7 @@ def _check(cfg: dict[str, Any]) -> None:
     for name, fam in cfg["families"].items():
         if not isinstance(fam, dict) or "class_path" not in fam or "width_arg" not in fam:
             raise ValueError(f"families.{name} must be a mapping with class_path, width_arg and init_args.")
-    seeds = cfg["sample"]["seeds"]
-    if not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"sample.seeds must be a positive integer (seeds 0..seeds-1), got {seeds!r}.")
+    check_seed_count(cfg["sample"]["seeds"])
 
 
 def grid_points(cfg: dict[str, Any]) -> list[GridPoint]:
@@ -197,12 +129,6 @@ def run_key(cfg: dict[str, Any], point: GridPoint) -> str:
                        "train": train, "data": cfg["data"]})
 
 
-def _data_kwargs(cfg: dict[str, Any], size: int) -> dict[str, Any]:
-    d = cfg["data"]
-    return dict(source=d["source"], size=int(size), subset_seed=d["subset_seed"], batch_size=d["batch_size"],
-                source_kwargs=d.get("source_kwargs") or {})
-
-
 def point_job(cfg: dict[str, Any], point: GridPoint, image_shape: tuple[int, ...]) -> TrainJob:
     """The ``TrainJob`` of one grid point; its checkpoint name is the same for the local runner and an agent."""
     tr = cfg["train"]
@@ -212,8 +138,8 @@ def point_job(cfg: dict[str, Any], point: GridPoint, image_shape: tuple[int, ...
     if tr.get("wandb", True) and cfg.get("wandb", True):
         wb = {"group": cfg["group"], "name": str(point),
               "config": {"family": point.family, "width": point.width, "study": "phase_transition"}}
-    return study_job(cfg, str(point), _arch_spec(cfg, point), image_shape, module_kwargs, _data_kwargs(cfg, point.size),
-                     ckpt, wandb=wb)
+    return study_job(cfg, str(point), _arch_spec(cfg, point), image_shape, module_kwargs,
+                     subset_kwargs(cfg["data"], int(point.size)), ckpt, wandb=wb)
 
 
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...] | None = None) -> list[TrainJob]:
@@ -251,127 +177,110 @@ def train_point(cfg: dict[str, Any], point: GridPoint) -> dict[str, Any]:
         if val not in g[key]:
             raise ValueError(f"--{key} {val} is not in the sweep's grid.{key} {g[key]}.")
     job = point_job(cfg, point, source_image_shape(cfg["data"]))
-    run_training_jobs([job], 1, log=log)
+    run_training_jobs([job], 1)
     return {"point": str(point), "ckpt": job.ckpt}
 
 
 # -- aggregation -----------------------------------------------------------------------------------------
-def _samples(job: TrainJob, cfg: dict[str, Any], shape, device) -> tuple[torch.Tensor, dict[str, Any], int]:
+def _samples(job: TrainJob, cfg: dict[str, Any], st: StudySetup, shape) -> tuple[torch.Tensor, dict[str, Any], int]:
     """The model's samples of seeds 0..S-1 (cached next to the checkpoint, keyed by the sampler settings)."""
-    from ..sampling import sample
-
-    s = cfg["sample"]
-    key = config_key(s)
-    cache = Path(job.ckpt).with_name(f"{Path(job.ckpt).stem}_samples_{key}.pt")
-    module, meta = load_trained(job)
-    params = sum(p.numel() for p in module.ema.parameters())
+    cache = Path(job.ckpt).with_name(f"{Path(job.ckpt).stem}_samples_{config_key(cfg['sample'])}.pt")
+    den, kernel, meta = trained_denoiser(job, st.device)
+    params = sum(p.numel() for p in den.parameters())
     if cache.is_file():
         return torch.load(cache, weights_only=True), meta, params
-    den = module.ema.to(device).eval().requires_grad_(False)
-    x = sample(den, module.kernel, list(range(s["seeds"])), shape, sampler=s["sampler"], steps=int(s["steps"]),
-               device=device).cpu()
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    torch.save(x, tmp)
-    tmp.replace(cache)
+    x = sample_seeds(den, kernel, st.seeds, shape, st).cpu()
+    save_tensor(x, cache)
     return x, meta, params
+
+
+def _model_rows(cfg, st: StudySetup, n: int, points: list, all_jobs: dict, shape, feats: dict) -> list[dict]:
+    """One ``model`` row per trained point of size ``n`` (GL, RP vs the optimal denoiser of the same N images);
+    fills ``feats`` with every point's sample features."""
+    from ..data import SubsetDataModule
+    from ..kernels import get_kernel
+    from ..theory import EmpiricalOptimalDenoiser
+    from ..viz import save_grid
+
+    images = SubsetDataModule(**subset_kwargs(cfg["data"], n, batch_size=1)).images
+    train_feats, thr = st.descriptor(images), st.threshold
+    kernel = get_kernel(cfg["kernel"], **(cfg["train"].get("kernel_kwargs") or {}))
+    x_opt = sample_seeds(EmpiricalOptimalDenoiser(images, device=st.device), kernel, st.seeds, shape, st)
+    opt_feats = st.descriptor(x_opt)
+    rows = []
+    for p in points:
+        x, meta, params = _samples(all_jobs[p], cfg, st, shape)
+        f = feats[p] = st.descriptor(x)
+        rows.append({"threshold": thr, "descriptor": st.descriptor_name, "kind": "model", "N": n,
+                     "family": p.family, "width": p.width, "seed": p.seed, "other": "",
+                     "gl": score.gl(f, train_feats, thr), "rp_vs_optimal": score.rp(f, opt_feats, thr),
+                     "steps": int(meta.get("steps", -1)), "params": params,
+                     "train_seconds": float(meta.get("train_seconds", float("nan"))),
+                     "final_loss": float(meta.get("final_loss", float("nan")))})
+        save_grid(x[:64], st.out / "samples" / f"{p}.png", nrow=16)
+    return rows
+
+
+def _pair_rows(cfg, st: StudySetup, n: int, have: set, feats: dict) -> list[dict]:
+    """The family, width and seed pairs of size ``n`` whose two points are both trained."""
+    g = cfg["grid"]
+    fams, widths, seeds = g["family"], sorted(g["width"]), g["seed"]
+    pairs = [("family_pair", GridPoint(fa, w, n, sd), GridPoint(fb, w, n, sd), fb)
+             for w, sd in itertools.product(widths, seeds) for fa, fb in itertools.combinations(fams, 2)]
+    pairs += [("width_pair", GridPoint(fam, wa, n, sd), GridPoint(fam, wb, n, sd), f"w{wb}")
+              for fam, sd in itertools.product(fams, seeds) for wa, wb in itertools.combinations(widths, 2)]
+    pairs += [("seed_pair", GridPoint(fam, w, n, sa), GridPoint(fam, w, n, sb), f"s{sb}")
+              for fam, w in itertools.product(fams, widths) for sa, sb in itertools.combinations(seeds, 2)]
+    return [{"threshold": st.threshold, "descriptor": st.descriptor_name, "kind": kind, "N": a.size,
+             "family": a.family, "width": a.width, "seed": a.seed, "other": other,
+             "rp": score.rp(feats[a], feats[b], st.threshold), "mean_sim": score.mean_similarity(feats[a], feats[b])}
+            for kind, a, b, other in pairs if a in have and b in have]
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean RP of the family pairs and mean GL of the models, by N."""
+    def by_n(kind: str, key: str) -> dict[str, float]:
+        acc: dict[int, list[float]] = {}
+        for r in rows:
+            if r["kind"] == kind:
+                acc.setdefault(r["N"], []).append(r[key])
+        return {str(k): sum(v) / len(v) for k, v in sorted(acc.items())}
+
+    fam = by_n("family_pair", "rp")
+    return {**({"rp_family_by_N": fam} if fam else {}), "gl_by_N": by_n("model", "gl")}
 
 
 def aggregate(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Score every finished grid point and every compared pair; write the CSV, the plot and the W&B table."""
-    from ..data import SubsetDataModule
-    from ..metrics import gl_score, paired_similarity, rp_score
-    from ..sampling import sample
-    from ..theory import EmpiricalOptimalDenoiser
-    from ..viz import save_grid
-
     _check(cfg)
     st = setup_study(cfg)
-    out, device, desc, thr, seeds = st.out, st.device, st.descriptor, st.threshold, st.seeds
     shape = source_image_shape(cfg["data"])
     all_jobs = dict(zip(grid_points(cfg), jobs(cfg, shape)))
     missing = [str(p) for p, j in all_jobs.items() if not j.done()]
     if missing:
         log(f"  {len(missing)} grid point(s) not trained yet, left out: {', '.join(missing[:6])}"
-             f"{' ...' if len(missing) > 6 else ''}")
-    s = cfg["sample"]
+            f"{' ...' if len(missing) > 6 else ''}")
     feats: dict[GridPoint, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
-    base = {"threshold": thr, "descriptor": cfg["metrics"]["descriptor"]}
     for n in sorted(cfg["grid"]["size"]):
         points = [p for p in all_jobs if p.size == n and all_jobs[p].done()]
-        if not points:
-            continue
-        dm = SubsetDataModule(**{**_data_kwargs(cfg, n), "batch_size": 1})
-        train_feats = desc(dm.images)
-        opt_feats: dict[str, torch.Tensor] = {}
-        for p in points:
-            x, meta, params = _samples(all_jobs[p], cfg, shape, device)
-            f = feats[p] = desc(x)
-            kernel_name = cfg["kernel"]
-            if kernel_name not in opt_feats:  # the optimal denoiser of the same N images, on the same grid
-                from ..kernels import get_kernel
-
-                kernel = get_kernel(kernel_name, **(cfg["train"].get("kernel_kwargs") or {}))
-                opt = EmpiricalOptimalDenoiser(dm.images, device=device)
-                x_opt = sample(opt, kernel, seeds, shape, sampler=s["sampler"], steps=int(s["steps"]), device=device)
-                opt_feats[kernel_name] = desc(x_opt)
-            rows.append({**base, "kind": "model", "N": n, "family": p.family, "width": p.width, "seed": p.seed,
-                         "other": "", "gl": gl_score(f, train_feats, thr),
-                         "rp_vs_optimal": rp_score(f, opt_feats[kernel_name], thr),
-                         "steps": int(meta.get("steps", -1)), "params": params,
-                         "train_seconds": float(meta.get("train_seconds", float("nan"))),
-                         "final_loss": float(meta.get("final_loss", float("nan")))})
-            save_grid(x[:64], out / "samples" / f"{p}.png", nrow=16)
-
-        def pair(kind: str, a: GridPoint, b: GridPoint, other: str) -> None:
-            fa, fb = feats[a], feats[b]
-            rows.append({**base, "kind": kind, "N": a.size, "family": a.family, "width": a.width, "seed": a.seed,
-                         "other": other, "rp": rp_score(fa, fb, thr),
-                         "mean_sim": float(paired_similarity(fa, fb).mean())})
-
-        fams, widths, mseeds = cfg["grid"]["family"], sorted(cfg["grid"]["width"]), cfg["grid"]["seed"]
-        have = set(points)
-        for w, sd in itertools.product(widths, mseeds):
-            for fa, fb in itertools.combinations(fams, 2):
-                a, b = GridPoint(fa, w, n, sd), GridPoint(fb, w, n, sd)
-                if a in have and b in have:
-                    pair("family_pair", a, b, fb)
-        for fam, sd in itertools.product(fams, mseeds):
-            for wa, wb in itertools.combinations(widths, 2):
-                a, b = GridPoint(fam, wa, n, sd), GridPoint(fam, wb, n, sd)
-                if a in have and b in have:
-                    pair("width_pair", a, b, f"w{wb}")
-        for fam, w in itertools.product(fams, widths):
-            for sa, sb in itertools.combinations(mseeds, 2):
-                a, b = GridPoint(fam, w, n, sa), GridPoint(fam, w, n, sb)
-                if a in have and b in have:
-                    pair("seed_pair", a, b, f"s{sb}")
-        write_csv(rows, out / "phase_transition.csv", COLUMNS)  # partial results survive an interruption
+        if points:
+            rows += _model_rows(cfg, st, n, points, all_jobs, shape, feats)
+            rows += _pair_rows(cfg, st, n, set(points), feats)
+            write_csv(rows, st.out / "phase_transition.csv", COLUMNS)  # partial results survive an interruption
     if not rows:
-        raise ValueError(f"no grid point of {out} has been trained yet; run the sweep first.")
-    csv_path = write_csv(rows, out / "phase_transition.csv", COLUMNS)
-    png_path = plot(rows, out / "phase_transition.png", thr, cfg["metrics"]["descriptor"])
-    log(format_table([r for r in rows if r["kind"] != "model"], ["kind", "N", "family", "width", "seed", "other",
-                                                                   "rp", "mean_sim"]))
-    log(format_table([r for r in rows if r["kind"] == "model"], ["N", "family", "width", "seed", "gl",
-                                                                   "rp_vs_optimal", "train_seconds"]))
-    fam_rows = [r for r in rows if r["kind"] == "family_pair"]
-    summary = {}
-    if fam_rows:
-        by_n: dict[int, list[float]] = {}
-        for r in fam_rows:
-            by_n.setdefault(r["N"], []).append(r["rp"])
-        curve = {n: sum(v) / len(v) for n, v in sorted(by_n.items())}
-        summary["rp_family_by_N"] = {str(k): v for k, v in curve.items()}
-    gl_by_n: dict[int, list[float]] = {}
-    for r in rows:
-        if r["kind"] == "model":
-            gl_by_n.setdefault(r["N"], []).append(r["gl"])
-    summary["gl_by_N"] = {str(k): sum(v) / len(v) for k, v in sorted(gl_by_n.items())}
-    log_study_to_wandb("phase_transition", cfg, rows, COLUMNS, {"plot": png_path}, summary, group=cfg["group"])
+        raise ValueError(f"no grid point of {st.out} has been trained yet; run the sweep first.")
+    png = plot(rows, st.out / "phase_transition.png", st.threshold, st.descriptor_name)
+    log(format_table([r for r in rows if r["kind"] != "model"],
+                     ["kind", "N", "family", "width", "seed", "other", "rp", "mean_sim"]))
+    log(format_table([r for r in rows if r["kind"] == "model"],
+                     ["N", "family", "width", "seed", "gl", "rp_vs_optimal", "train_seconds"]))
+    summary = _summary(rows)
+    csv_path = finish(STUDY.name, cfg, rows, COLUMNS, "phase_transition.csv", {"plot": png}, summary, table=(),
+                      group=cfg["group"])
     rp_txt = " ".join(f"{n}:{v:.2f}" for n, v in summary.get("rp_family_by_N", {}).items())
     gl_txt = " ".join(f"{n}:{v:.2f}" for n, v in summary["gl_by_N"].items())
-    log(f"phase transition: RP(families) by N {rp_txt or '-'} | GL by N {gl_txt} | {csv_path} | {png_path}")
+    log(f"phase transition: RP(families) by N {rp_txt or '-'} | GL by N {gl_txt} | {csv_path} | {png}")
     return rows
 
 
@@ -417,12 +326,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, threshold: float, descrip
                 ax_gl.plot(*mean_curve(rs, "gl"), marker=markers[j % 4], color=colours[w], ls=["-", "--"][j % 2],
                            label=f"{fam}, width {w}")
     for ax, title in ((ax_rp, "RP between models (same seeds)"), (ax_gl, "GL (novelty vs own training set)")):
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("training set size N")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        n_axis(ax, title, legend_size=7)
     fig.suptitle(f"Fig. 2: memorization -> generalization ({descriptor} descriptor, threshold {threshold:g})",
                  fontsize=10)
     fig.tight_layout()
@@ -437,8 +341,8 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     all_jobs = jobs(cfg)
     g = cfg["grid"]
     log(f"phase transition sweep: {len(all_jobs)} runs (N {sorted(g['size'])} x family {g['family']} x width "
-         f"{sorted(g['width'])} x seed {g['seed']}), {cfg['train']['max_steps']} steps each -> {cfg['out']}")
-    run_training_jobs(all_jobs, int(cfg.get("workers", 1)), log=log)
+        f"{sorted(g['width'])} x seed {g['seed']}), {cfg['train']['max_steps']} steps each -> {cfg['out']}")
+    run_training_jobs(all_jobs, cfg["workers"])
     rows = aggregate(cfg)
     log(f"sweep done in {time.time() - t0:.0f}s")
     return rows
@@ -458,10 +362,8 @@ def _dispatch(cfg: dict[str, Any], args) -> Any:
     if args.emit_wandb:
         import yaml
 
-        from . import _atomic_bytes
-
         sweep = wandb_sweep_config(cfg, args.config)
-        path = _atomic_bytes(Path(args.emit_wandb), yaml.safe_dump(sweep, sort_keys=False).encode())
+        path = atomic_bytes(Path(args.emit_wandb), yaml.safe_dump(sweep, sort_keys=False).encode())
         log(f"wrote {path}: {len(grid_points(cfg))} runs (method grid); start it with `wandb sweep {path}` and one "
             f"`wandb agent <sweep id>` per GPU")
         return sweep
@@ -475,10 +377,13 @@ def _dispatch(cfg: dict[str, Any], args) -> Any:
     return run(cfg)
 
 
-def main(argv: list[str] | None = None):
-    return study_main(argv, "python -m lightning_repro.studies.sweep", __doc__, run, DEFAULTS, QUICK,
-                      replace=("families", "grid"), example_config="configs/sweeps/phase_transition.yaml",
-                      add_arguments=_add_arguments, dispatch=_dispatch)
+STUDY = Study(name="phase_transition", module="sweep", paper="Fig. 2",
+              title="phase transition: RP between families / widths and GL vs N", run=run, columns=COLUMNS,
+              quick=QUICK, replace=("families", "grid"), jobs=jobs, score=aggregate, plot=plot,
+              add_arguments=_add_arguments, dispatch=_dispatch)
+
+
+main = STUDY.main  # main(["--config", FILE, "--out", DIR, "--quick"]) -> the CSV rows
 
 
 if __name__ == "__main__":
