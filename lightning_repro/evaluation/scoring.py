@@ -32,6 +32,7 @@ __all__ = [
     "gl",
     "mae",
     "mean_similarity",
+    "conditional_rp",
 ]
 
 #: images per descriptor call (and per rank's share of the feature work); fixed so that one process and N
@@ -169,3 +170,12 @@ def mean_similarity(feats_a: Tensor, feats_b: Tensor) -> float:
     from ..metrics import paired_similarity
 
     return float(paired_similarity(feats_a, feats_b).mean())
+
+
+def conditional_rp(feats_a: Tensor, feats_b: Tensor, labels: Tensor, num_classes: int, threshold: float) -> dict:
+    """Per-class RP of class-conditional samples (Sec. 4.1): ``overall``, ``per_class`` and ``counts`` tensors."""
+    from ..metrics import ConditionalReproducibilityScore
+
+    metric = ConditionalReproducibilityScore(num_classes, threshold=threshold)
+    metric.update(feats_a, feats_b, labels)
+    return metric.compute()

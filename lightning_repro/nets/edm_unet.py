@@ -285,43 +285,45 @@ class SongUNet(nn.Module):
         self.map_layer0 = xavier_init(nn.Linear(noise_channels, emb_channels))
         self.map_layer1 = xavier_init(nn.Linear(emb_channels, emb_channels))
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cout = model_channels
-                self.enc[f"{res}x{res}_conv"] = xavier_init(nn.Conv2d(in_channels, cout, 3, padding=1))
-            else:
-                self.enc[f"{res}x{res}_down"] = SongUNetBlock(cout, cout, down=True, **block)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = SongUNetBlock(
-                    cin, cout, attention=res in attn_resolutions, **block
-                )
-        skips = [m.out_channels for m in self.enc.values()]
-
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = SongUNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = SongUNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = SongUNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = SongUNetBlock(
-                    cin,
-                    cout,
-                    attention=idx == num_blocks and res in attn_resolutions,
-                    takes_skip=True,
-                    **block,
-                )
+        self.enc = self._encoder(in_channels, model_channels, channel_mult, num_blocks, attn_resolutions, block)
+        cout = list(self.enc.values())[-1].out_channels
+        self.dec = self._decoder(cout, model_channels, channel_mult, num_blocks, attn_resolutions, block)
+        cout = list(self.dec.values())[-1].out_channels
         self.out_norm = group_norm(cout)
         self.out_conv = xavier_init(nn.Conv2d(cout, out_channels, 3, padding=1), gain=1e-5)
+
+    def _encoder(self, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions, block) -> nn.ModuleDict:
+        """Per resolution: the input conv (first level) or a down-sampling block, then ``num_blocks`` blocks."""
+        enc, cout = nn.ModuleDict(), in_channels
+        for level, mult in enumerate(channel_mult):
+            res = self.img_resolution >> level
+            if level == 0:
+                cout = model_channels
+                enc[f"{res}x{res}_conv"] = xavier_init(nn.Conv2d(in_channels, cout, 3, padding=1))
+            else:
+                enc[f"{res}x{res}_down"] = SongUNetBlock(cout, cout, down=True, **block)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                enc[f"{res}x{res}_block{idx}"] = SongUNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        return enc
+
+    def _decoder(self, cout, model_channels, channel_mult, num_blocks, attn_resolutions, block) -> nn.ModuleDict:
+        """Per resolution, coarsest first: two middle blocks or an up-sampling block, then ``num_blocks + 1``
+        blocks that each take one encoder skip (popped in reverse order)."""
+        skips = [m.out_channels for m in self.enc.values()]
+        dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = self.img_resolution >> level
+            if level == len(channel_mult) - 1:
+                dec[f"{res}x{res}_in0"] = SongUNetBlock(cout, cout, attention=True, **block)
+                dec[f"{res}x{res}_in1"] = SongUNetBlock(cout, cout, **block)
+            else:
+                dec[f"{res}x{res}_up"] = SongUNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                dec[f"{res}x{res}_block{idx}"] = SongUNetBlock(
+                    cin, cout, attention=idx == num_blocks and res in attn_resolutions, takes_skip=True, **block)
+        return dec
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         noise_labels = check_unet_input("SongUNet", x, noise_labels, self.in_channels, self.factor)

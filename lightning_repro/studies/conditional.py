@@ -178,11 +178,7 @@ def _sample_models(cfg: dict, jobs_: list[TrainJob], st: StudySetup, dm) -> tupl
 
 def _per_class_row(kind: str, a: str, b: str, fa: Tensor, fb: Tensor, labels: Tensor, classes: list[int],
                    st: StudySetup) -> dict[str, Any]:
-    from ..metrics import ConditionalReproducibilityScore
-
-    metric = ConditionalReproducibilityScore(len(classes), threshold=st.threshold)
-    metric.update(fa, fb, labels)
-    res = metric.compute()
+    res = score.conditional_rp(fa, fb, labels, len(classes), st.threshold)
     row = {"comparison": kind, "model_a": a, "model_b": b, "overall": float(res["overall"]),
            "mean_similarity": score.mean_similarity(fa, fb), "threshold": st.threshold,
            "descriptor": st.descriptor_name}
