@@ -188,3 +188,12 @@ def test_counts_are_checked_once_the_same_way(tmp_path, name, text, message):
     with pytest.raises(SystemExit) as exc:
         get_study(name).main(["--config", str(bad), "--out", str(tmp_path / "out")])
     assert exc.value.code == f"error: {message}"
+
+
+def test_descriptor_trust_reaches_sscd_only():
+    from lightning_repro.studies.steps import descriptor_trust
+
+    assert descriptor_trust({"descriptor": "pixel", "trust_descriptor": True, "sha256": "AB" * 32}) == {}
+    assert descriptor_trust({"descriptor": "sscd"}) == {"trust_unpinned": False}
+    assert descriptor_trust({"descriptor": "sscd", "trust_descriptor": True, "sha256": "AB" * 32}) == {
+        "trust_unpinned": True, "sha256": "ab" * 32}

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .outputs import finish, log, save_figure, save_npz
 from .protocol import Study, config_key, positive_int
-from .steps import prepare_output, subset_kwargs, trained_denoiser
+from .steps import descriptor_trust, prepare_output, subset_kwargs, trained_denoiser
 from .training import TrainJob, module_kwargs_from, run_training_jobs, study_job
 
 __all__ = ["STUDY", "QUICK", "COLUMNS", "plane_grid", "rescale_to_sphere", "label_by_anchors", "agreement",
@@ -223,7 +223,8 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         f"{res}x{res} grid, a, b in [{0 - margin:g}, {1 + margin:g}], {sm['sampler']} {sm['steps']} steps -> {out}")
     train_jobs = jobs(cfg, shape)
     run_training_jobs(list(train_jobs.values()), cfg["workers"])
-    desc, names = get_descriptor(cfg["metrics"]["descriptor"]), list(cfg["models"])
+    desc = get_descriptor(cfg["metrics"]["descriptor"], **descriptor_trust(cfg["metrics"]))
+    names = list(cfg["models"])
     maps = {name: _map(name, den, kernel, anchors, grid, desc, cfg, device)
             for name, (den, kernel) in _denoisers(cfg, train_jobs, dm.images, device).items()}
     labels = {name: m[0] for name, m in maps.items()}

@@ -61,6 +61,17 @@ class StudySetup:
     descriptor_name: str = "pixel"
 
 
+def descriptor_trust(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``sha256`` / ``trust_unpinned`` for an SSCD descriptor from a study's ``metrics`` section (``sha256: HEX``,
+    ``trust_descriptor: true``); the pixel descriptor has no weights file and takes neither."""
+    if str(metrics.get("descriptor", "pixel")).lower() == "pixel":
+        return {}
+    kw: dict[str, Any] = {"trust_unpinned": bool(metrics.get("trust_descriptor", False))}
+    if metrics.get("sha256"):
+        kw["sha256"] = str(metrics["sha256"]).lower()
+    return kw
+
+
 def setup_study(cfg: Mapping[str, Any]) -> StudySetup:
     """Threads, output folder, device, the descriptor (``metrics.descriptor``) with its threshold
     (``metrics.threshold``, null = the descriptor's calibrated default) and the sampling settings (``sample.seeds``:
@@ -70,7 +81,7 @@ def setup_study(cfg: Mapping[str, Any]) -> StudySetup:
     out, device = prepare_output(cfg)
     metrics = cfg.get("metrics") or {}
     name = metrics.get("descriptor", "pixel")
-    desc = get_descriptor(name)
+    desc = get_descriptor(name, **descriptor_trust(metrics))
     thr = metrics.get("threshold")
     smp = cfg.get("sample") or {}
     n = smp.get("seeds", 0)
