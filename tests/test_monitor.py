@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
+from wandb_offline import read_offline_run
 
 import lightning_repro.evaluation as ev
 from lightning_repro.callbacks import ReproducibilityMonitor, subset_statistics
@@ -27,8 +28,8 @@ TINY = [
     "--data.size", "64", "--data.batch_size", "16", "--data.val_seeds", "4", "--model.init_args.val_steps", "3",
     "--trainer.val_check_interval", "100", "--checkpoint.every_n_train_steps", "5",
     "--final_samples.num_samples", "4", "--final_samples.steps", "2", "--trainer.enable_progress_bar", "false",
-    "--trainer.logger", "false", "--trainer.max_steps", "10",
-]
+    "--trainer.max_steps", "10",
+]  # the experiment's W&B logger, offline (no credentials under the test's HOME)
 MONITOR_YAML = """trainer:
   callbacks:
     - class_path: lightning_repro.callbacks.ReproducibilityMonitor
@@ -113,6 +114,18 @@ def test_fit_prints_the_subset_statistics(cli_run):
                     f"nearest-neighbour distance min={s['nn_distance_min']:.4f} "
                     f"median={s['nn_distance_median']:.4f} max={s['nn_distance_max']:.4f}")
     assert [ln for ln in stdout.splitlines() if ln.startswith("monitor: 2 measurement(s)")]
+
+
+def test_cli_run_logs_the_curves_and_statistics_to_wandb(cli_run):
+    run, _ = cli_run
+    (run_dir,) = list((run / "wandb").glob("offline-run-*"))
+    info = read_offline_run(run_dir)
+    assert {"monitor/rp", "monitor/mean_similarity", "monitor/gl", "monitor/memorized"} <= info["history_keys"]
+    with open(run / "monitor.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert info["summary"]["monitor/mean_similarity"] == float(last["mean_similarity"])
+    s = subset_statistics(SubsetDataModule("digits", size=64, subset_seed=0).images)
+    assert {k: info["config"][f"subset/{k}"] for k in s} == s
 
 
 # ----------------------------------------------------------------------------- in process: logging, inertness
