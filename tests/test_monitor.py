@@ -146,10 +146,10 @@ class RecordingLogger(Logger):
         self.hparams.update(params)
 
 
-def _fit(tmp_path, callbacks, logger=False):
-    torch.manual_seed(0)
+def _fit(tmp_path, callbacks, logger=False, seed=0, lr=2e-4):
+    torch.manual_seed(seed)
     module = EDM(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0,
-                 image_shape=(1, 8, 8), val_steps=3)
+                 image_shape=(1, 8, 8), val_steps=3, seed=seed, lr=lr)
     trainer = L.Trainer(max_steps=4, logger=logger, callbacks=callbacks, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=str(tmp_path))
@@ -170,6 +170,20 @@ def test_monitor_logs_to_the_logger_and_progress_bar_and_leaves_training_alone(t
     assert {k: logger.hparams[f"subset/{k}"] for k in stats} == stats
     for (k, a), b in zip(module.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), k  # sampling draws no random numbers: the training is the same
+
+
+def test_a_checkpoint_reference_equals_evaluate_pair_of_the_two_checkpoints(tmp_path):
+    _, ref_trainer = _fit(tmp_path / "ref", [], seed=1, lr=0.02)  # moves the zero-initialised output layer
+    ref_trainer.save_checkpoint(tmp_path / "ref.ckpt")
+    monitor = ReproducibilityMonitor(every_n_steps=4, seeds=6, reference=str(tmp_path / "ref.ckpt"), threshold=0.5)
+    _, trainer = _fit(tmp_path / "mon", [monitor])
+    trainer.save_checkpoint(tmp_path / "mon.ckpt")  # step 4, the step the monitor last ran
+    res = ev.main(["--pair", str(tmp_path / "mon.ckpt"), str(tmp_path / "ref.ckpt"), "--seeds", "0-5", "--steps", "3",
+                   "--threshold", "0.5", "--gl", "--no-wandb", "--no-progress", "--out", str(tmp_path / "pair")])
+    (row,) = monitor.history
+    assert row["step"] == 4 and res["n"] == 6
+    assert (row["rp"], row["mean_similarity"], row["gl"]) == (res["rp"], res["mean_similarity"], res["gl_a"])
+    assert row["mean_similarity"] < 0.99  # two different models, not one compared to itself
 
 
 def test_monitor_bad_input_is_one_sentence():
