@@ -1,0 +1,304 @@
+"""Published checkpoints: NVlabs/edm pickles read as data, U-ViT / DiT state dicts, converted checkpoints, specs.
+
+The edm pickles are written here in the ``torch_utils.persistence`` format (each network module reduces to
+``torch_utils.persistence._reconstruct_persistent_obj(meta)``, ``meta`` holding the module source, class name and
+``__dict__`` with ``_init_kwargs``, parameters, buffers and sub-modules; containers are plain ``torch.nn``
+objects), with an embedded source that would write a marker file and raise if it were ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_repro.nets.dit import DiT
+from lightning_repro.nets.edm_unet import SongUNet
+from lightning_repro.nets.uvit import UViT
+from lightning_repro.published import read_dit, read_edm_pickle, read_published, read_uvit
+from lightning_repro.published.__main__ import main as published_main
+
+# ------------------------------------------------------------------------------- the persistence format
+
+
+def _reconstruct_persistent_obj(meta):  # only its name is pickled; the loader must never call it
+    raise AssertionError("the real torch_utils.persistence reconstruct function was called")
+
+
+class _Persistent(nn.Module):
+    """Pickles the way an edm ``@persistent_class`` instance does (``persistence.py``'s ``__reduce__``)."""
+
+    def __init__(self, class_name: str, init_kwargs: dict, src: str):
+        super().__init__()
+        self._orig_class_name, self._orig_module_src = class_name, src
+        self._init_args, self._init_kwargs = (), dict(init_kwargs)
+
+    def __reduce__(self):
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_orig")}
+        meta = dict(type="class", version=6, module_src=self._orig_module_src,
+                    class_name=self._orig_class_name, state=state)
+        return (_reconstruct_persistent_obj, (meta,))
+
+
+def _edm_tree(flat: dict[str, torch.Tensor], root: _Persistent, src: str) -> _Persistent:
+    """Nest edm-named tensors into modules: ``enc`` / ``dec`` are ``nn.ModuleDict``s, the rest persistent."""
+    for name, t in flat.items():
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if part not in mod._modules:
+                mod.add_module(part, nn.ModuleDict() if part in ("enc", "dec") else _Persistent("Conv2d", {}, src))
+            mod = mod._modules[part]
+        if leaf == "resample_filter":
+            mod.register_buffer(leaf, t.clone())
+        else:
+            mod.register_parameter(leaf, nn.Parameter(t.clone(), requires_grad=False))
+    return root
+
+
+def _edm_names(sd: dict[str, torch.Tensor], res: int, filt: list[int]) -> dict[str, torch.Tensor]:
+    """The suite's SongUNet names -> edm's (output layer, resampling-filter buffers of up/down convs)."""
+    f = torch.tensor(filt, dtype=torch.float32)
+    f = torch.outer(f, f)[None, None] / f.sum().square()
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("out_norm.", f"dec.{res}x{res}_aux_norm.").replace("out_conv.", f"dec.{res}x{res}_aux_conv.")
+        out[k] = v
+        mod = k.rsplit(".", 1)[0]
+        if k.endswith(".weight") and (("_down." in k or "_up." in k) and mod.endswith(("conv0", "skip"))
+                                      or "aux_residual" in mod):
+            out[f"{mod}.resample_filter"] = f
+    return out
+
+
+def _write_edm_pickle(path, monkeypatch, marker, precond: str, pk: dict, song: dict, sd: dict, res: int) -> None:
+    src = (f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\n"
+           "raise RuntimeError('embedded source executed')\n")
+    model = _edm_tree(_edm_names(sd, res, song.get("resample_filter", [1, 1])),
+                      _Persistent("SongUNet", {"img_resolution": res, "in_channels": 3, "out_channels": 3, **song}, src),
+                      src)
+    net = _Persistent(precond, {"img_resolution": res, "img_channels": 3, "label_dim": song.get("label_dim", 0),
+                                "use_fp16": False, **pk, "model_type": "SongUNet"}, src)
+    net.add_module("model", model)
+    fake = types.ModuleType("torch_utils.persistence")
+    fake._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
+        m.setitem(sys.modules, "torch_utils.persistence", fake)
+        data = {"ema": net, "loss_fn": None, "augment_pipe": None, "dataset_kwargs": {"resolution": res}}
+        path.write_bytes(pickle.dumps(data))
+    _reconstruct_persistent_obj.__module__ = __name__
+    raw = path.read_bytes()
+    assert b"torch_utils.persistence" in raw and b"_reconstruct_persistent_obj" in raw and b"ModuleDict" in raw
+    assert "torch_utils" not in sys.modules
+
+
+def _randomised(net: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return net.eval()
+
+
+TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.13)
+NCSNPP = dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard", channel_mult_noise=2,
+              resample_filter=[1, 3, 3, 1])
+
+
+def _edm_reference(precond: str, pk: dict, net: nn.Module, x, sigma, labels):
+    """edm ``training/networks.py``'s formulas, written out: D = c_skip x + c_out F(c_in x, c_noise)."""
+    s = sigma.reshape(-1, 1, 1, 1).double()
+    if precond == "EDMPrecond":
+        sd = pk.get("sigma_data", 0.5)
+        c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
+        c_in, c_noise = 1 / (sd**2 + s**2).sqrt(), s.log() / 4
+    elif precond == "VEPrecond":
+        c_skip, c_out, c_in, c_noise = 1.0, s, torch.ones_like(s), (0.5 * s).log()
+    else:
+        bmin, bd = pk.get("beta_min", 0.1), pk.get("beta_d", 19.9)
+        t = ((bmin**2 + 2 * bd * (1 + s**2).log()).sqrt() - bmin) / bd
+        c_skip, c_out, c_in, c_noise = 1.0, -s, 1 / (s**2 + 1).sqrt(), 999 * t
+    f = net((c_in * x).float(), c_noise.flatten().float(), labels)
+    return (c_skip * x.double() + c_out * f.double()).float()
+
+
+CASES = {
+    "ddpmpp-edm": ("EDMPrecond", {"sigma_data": 0.5}, {**TINY, "augment_dim": 9}, None),
+    "ncsnpp-ve": ("VEPrecond", {"sigma_min": 0.02, "sigma_max": 100}, {**TINY, **NCSNPP, "label_dim": 3}, [0, 2, -1]),
+    "ddpmpp-vp": ("VPPrecond", {"beta_d": 19.9, "beta_min": 0.1, "M": 1000, "epsilon_t": 1e-5},
+                  {**TINY, "label_dim": 3}, [1, -1, 2]),
+}
+
+
+def _suite_net(song: dict) -> SongUNet:
+    kw = {("num_classes" if k == "label_dim" else k): v for k, v in song.items() if k != "decoder_type"}
+    return _randomised(SongUNet(8, 3, 3, swap_sin_cos=True, **kw), 0)
+
+
+def _case(name, tmp_path, monkeypatch):
+    precond, pk, song, labels = CASES[name]
+    src = _suite_net(song)
+    path, marker = tmp_path / f"{name}.pkl", tmp_path / "marker.txt"
+    _write_edm_pickle(path, monkeypatch, marker, precond, pk, song, src.state_dict(), 8)
+    return path, marker, src, precond, pk, (torch.tensor(labels) if labels else None)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_edm_pickle_loads_as_data_and_matches_the_edm_formulas(name, tmp_path, monkeypatch):
+    path, marker, src, precond, pk, labels = _case(name, tmp_path, monkeypatch)
+    pub = read_edm_pickle(path)
+    assert not marker.exists()  # the embedded module source never ran
+    assert pub.info["edm_precond"] == precond and pub.info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert pub.info["arch"] == ("ncsnpp" if "ncsnpp" in name else "ddpmpp")
+    den = pub.denoiser("cpu")
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.05, 1.3, 40.0])
+    with torch.no_grad():
+        ref = _edm_reference(precond, pk, src, x, sigma, labels)
+        out = den(x, sigma, labels)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert not marker.exists()
+
+
+def test_edm_pickle_refuses_a_global_outside_the_allow_list(tmp_path):
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
+    with pytest.raises(ValueError) as err:
+        read_edm_pickle(path)
+    assert str(err.value) == (
+        f"edm pickle {path} refers to the global os.system, which is not on the edm pickle allow-list (tensors, "
+        "torch.nn containers, OrderedDict, EasyDict, numpy scalars, torch_utils.persistence records); it was refused.")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_augment_layer_matches_the_released_parameter_count_and_is_inert_at_zero_labels():
+    with torch.device("meta"):
+        big = SongUNet(32, 3, 3, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, augment_dim=9)
+    assert sum(p.numel() for p in big.parameters()) == 55_733_891
+    with_aug = _randomised(SongUNet(8, 3, 3, **TINY, augment_dim=9), 3)
+    plain = SongUNet(8, 3, 3, **TINY).eval()
+    plain.load_state_dict({k: v for k, v in with_aug.state_dict().items() if not k.startswith("map_augment")})
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.1, -0.7])
+    with torch.no_grad():
+        assert torch.equal(with_aug(x, t, augment_labels=torch.zeros(2, 9)), plain(x, t))
+
+
+def test_convert_ddpmpp_is_a_suite_checkpoint_and_ncsnpp_an_edm_reference(tmp_path, monkeypatch, capsys):
+    from lightning_repro.evaluation import resolve_model
+    from lightning_repro.module import load_denoiser
+
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 7.0])
+    for name, preset in (("ddpmpp-edm", True), ("ncsnpp-ve", False)):
+        path, _, _, _, _, labels = _case(name, tmp_path, monkeypatch)
+        labels = labels[:2] if labels is not None else None
+        out = tmp_path / f"{name}.ckpt"
+        assert published_main(["convert", str(path), str(out)]) == 0
+        assert f"-> {out}; loadable by " + ("module.load_denoiser and " if preset else "") in capsys.readouterr().out
+        torch.load(out, weights_only=True)
+        with torch.no_grad():
+            want = read_edm_pickle(path).denoiser()(x, sigma, labels)
+            ref = resolve_model(f"edm:{out}")
+            torch.testing.assert_close(ref.denoiser(torch.device("cpu"))(x, sigma, labels), want, rtol=0, atol=1e-5)
+            if preset:
+                den, kernel = load_denoiser(out)
+                assert kernel.name == "edm"
+                torch.testing.assert_close(den(x, sigma, labels), want, rtol=0, atol=1e-5)
+            else:
+                with pytest.raises(ValueError, match="no 'lightning_repro' metadata"):
+                    load_denoiser(out)
+
+
+def test_edm_reference_spec_provenance_and_training_set(tmp_path, monkeypatch):
+    from lightning_repro.evaluation import resolve_model
+
+    path, *_ = _case("ddpmpp-edm", tmp_path, monkeypatch)
+    ref = resolve_model(f"edm:{path}")
+    d = ref.describe()
+    assert (d["kind"], d["format"], d["edm_precond"], d["precond"], d["kernel"]) == (
+        "edm", "edm-pickle", "EDMPrecond", "edm", "edm")
+    assert d["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and ref.image_shape == (3, 8, 8)
+    assert ref.kernel().name == "edm" and ref.kernel().sigma_data == 0.5
+    with pytest.raises(ValueError) as err:
+        ref.training_set()
+    assert str(err.value) == (f"edm:{path} is a published model that records no training set; name one to compute "
+                              f"GL and nearest training images, e.g. 'edm:{path.resolve()}?data=cifar10'.")
+    ref = resolve_model(f"edm:{path}?data=digits?size=16&subset_seed=0")
+    images, _ = ref.training_set()
+    assert images.shape == (16, 1, 8, 8)
+
+
+# ------------------------------------------------------------------------------- U-ViT and DiT state dicts
+
+
+def test_uvit_state_dict_in_the_reference_layout(tmp_path):
+    src = _randomised(UViT(8, 3, 3, num_classes=4, patch_size=2, embed_dim=32, depth=2, num_heads=2), 5)
+    sd = src.state_dict()
+    for key in ("patch_embed.proj.weight", "in_blocks.0.attn.qkv.weight", "mid_block.mlp.fc1.weight",
+                "out_blocks.0.skip_linear.weight", "decoder_pred.weight", "final_layer.weight", "pos_embed"):
+        assert key in sd  # libs/uvit.py's names
+    table = sd["label_emb.weight"]
+    ref_sd = {**sd, "label_emb.weight": torch.cat([table[-1:], table[:-1]])}  # a null-row-first table
+    path = tmp_path / "nnet_ema.pth"
+    torch.save(ref_sd, path)
+    pub = read_uvit(path, num_heads=2, null_row="first")
+    assert pub.net_kwargs["num_classes"] == 4 and pub.kernel_spec["name"] == "vp" and pub.precond == "eps"
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1.0, 400.0, 990.0]), torch.tensor([3, -1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(pub.build()(x, t, y), src(x, t, y), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError) as err:
+        read_uvit(path)
+    assert str(err.value) == f"{path}: width 32 is not a released configuration; give num_heads (e.g. ?num_heads=8)."
+
+
+def test_dit_learn_sigma_keeps_the_epsilon_half(tmp_path):
+    src = _randomised(DiT(8, 3, 3, num_classes=4, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                          learn_sigma=True), 6)
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save(src.state_dict(), path)
+    pub = read_dit(path, num_heads=2)
+    assert pub.net_kwargs["num_classes"] == 4 and pub.info["learn_sigma"] and pub.kernel_spec["name"] == "vp_discrete"
+    net = pub.build()
+    assert net.out_channels == 3
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([3.0, 500.0, 999.0]), torch.tensor([1, -1, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, y), src(x, t, y)[:, :3], rtol=0, atol=1e-5)
+    lat = tmp_path / "latent.pt"
+    torch.save(DiT(8, 4, 4, patch_size=2, hidden_size=32, depth=1, num_heads=2).state_dict(), lat)
+    with pytest.raises(ValueError) as err:
+        read_published("dit", str(lat), num_heads=2)
+    assert str(err.value) == (f"{lat} is a latent DiT (4 channels), which needs the Stable Diffusion VAE decoder; "
+                              "only pixel-space models are supported here.")
+
+
+def test_uvit_and_dit_references_and_conversion(tmp_path):
+    from lightning_repro.evaluation import resolve_model
+    from lightning_repro.module import load_denoiser
+
+    src = _randomised(UViT(8, 3, 3, patch_size=2, embed_dim=32, depth=2, num_heads=2), 7)
+    path = tmp_path / "u.pth"
+    torch.save(src.state_dict(), path)
+    ref = resolve_model(f"uvit:{path}?num_heads=2")
+    assert ref.describe()["format"] == "uvit-state-dict" and ref.kernel().name == "vp"
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.2, 3.0])
+    out = tmp_path / "u.ckpt"
+    assert published_main(["convert", str(path), str(out), "--num-heads", "2"]) == 0
+    with torch.no_grad():
+        want = ref.denoiser(torch.device("cpu"))(x, sigma)
+        # epsilon-prediction on VP: D = x - sigma F(x / sqrt(1 + sigma^2), 999 t(sigma))
+        t = ref.kernel().t_of_sigma(sigma.double())
+        eps = src(x / (1 + sigma[:, None, None, None] ** 2).sqrt(), (999 * t).float())
+        torch.testing.assert_close(want, x - sigma[:, None, None, None] * eps, rtol=0, atol=1e-5)
+        torch.testing.assert_close(load_denoiser(out)[0](x, sigma), want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError) as err:
+        resolve_model(f"dit:{path}?heads=2")
+    assert str(err.value) == (f"'dit:{path}?heads=2': 'heads=2' is not one of the options num_heads=..., "
+                              "null_row=..., kernel=..., data=....")
+    assert math.isfinite(float(want.abs().max()))
