@@ -14,6 +14,7 @@ import pickle
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -44,6 +45,10 @@ class _Persistent(nn.Module):
         meta = dict(type="class", version=6, module_src=self._orig_module_src,
                     class_name=self._orig_class_name, state=state)
         return (_reconstruct_persistent_obj, (meta,))
+
+
+class EasyDict(dict):  # pickled by reference as dnnlib.util.EasyDict, as edm's dataset_kwargs are
+    pass
 
 
 def _edm_tree(flat: dict[str, torch.Tensor], root: _Persistent, src: str) -> _Persistent:
@@ -89,14 +94,20 @@ def _write_edm_pickle(path, monkeypatch, marker, precond: str, pk: dict, song: d
     fake = types.ModuleType("torch_utils.persistence")
     fake._reconstruct_persistent_obj = _reconstruct_persistent_obj
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    util = types.ModuleType("dnnlib.util")
+    util.EasyDict, EasyDict.__module__ = EasyDict, "dnnlib.util"
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
         m.setitem(sys.modules, "torch_utils.persistence", fake)
-        data = {"ema": net, "loss_fn": None, "augment_pipe": None, "dataset_kwargs": {"resolution": res}}
+        m.setitem(sys.modules, "dnnlib", types.ModuleType("dnnlib"))
+        m.setitem(sys.modules, "dnnlib.util", util)
+        kwargs = EasyDict(resolution=np.int64(res), xflip=False)  # numpy scalars, as edm's dataset_kwargs hold
+        data = {"ema": net, "loss_fn": None, "augment_pipe": None, "dataset_kwargs": kwargs}
         path.write_bytes(pickle.dumps(data))
-    _reconstruct_persistent_obj.__module__ = __name__
+    _reconstruct_persistent_obj.__module__ = EasyDict.__module__ = __name__
     raw = path.read_bytes()
-    assert b"torch_utils.persistence" in raw and b"_reconstruct_persistent_obj" in raw and b"ModuleDict" in raw
+    for name in (b"torch_utils.persistence", b"_reconstruct_persistent_obj", b"ModuleDict", b"dnnlib.util", b"scalar"):
+        assert name in raw
     assert "torch_utils" not in sys.modules
 
 
@@ -270,6 +281,15 @@ def test_dit_learn_sigma_keeps_the_epsilon_half(tmp_path):
     x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([3.0, 500.0, 999.0]), torch.tensor([1, -1, 3])
     with torch.no_grad():
         torch.testing.assert_close(net(x, t, y), src(x, t, y)[:, :3], rtol=0, atol=1e-5)
+    out = tmp_path / "dit.ckpt"
+    assert published_main(["convert", str(path), str(out), "--num-heads", "2"]) == 0
+    from lightning_repro.module import load_denoiser
+
+    den, kernel = load_denoiser(out)
+    sigma = kernel.sigma(t.double())[:, None, None, None]
+    with torch.no_grad():  # DDPM epsilon-prediction: D = x - sigma eps(x / sqrt(1 + sigma^2), timestep)
+        eps = src((x / (1 + sigma**2).sqrt()).float(), t, y)[:, :3]
+        torch.testing.assert_close(((x - den(x, sigma.flatten(), y)) / sigma).float(), eps, rtol=0, atol=1e-5)
     lat = tmp_path / "latent.pt"
     torch.save(DiT(8, 4, 4, patch_size=2, hidden_size=32, depth=1, num_heads=2).state_dict(), lat)
     with pytest.raises(ValueError) as err:

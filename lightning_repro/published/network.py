@@ -145,6 +145,8 @@ def _preset_module(p: PublishedNet):
         own = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
         cls = UViT
     else:
+        if not p.num_classes:  # no label table: the dropout probability builds nothing
+            kw.pop("class_dropout_prob", None)
         fixed = {"learn_sigma": False, "class_dropout_prob": 0.1}
         own = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio")
         cls = DiT
@@ -169,6 +171,7 @@ def read_converted(path: str | Path) -> PublishedNet:
         raise ValueError(f"{path} is not a converted published checkpoint (no '{PUBLISHED_KEY}' metadata); "
                          "write one with 'python -m lightning_repro.published convert'.")
     state = {k[len("ema.net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.net.")}
-    info = {**dict(meta.get("info") or {}), "converted_from": (meta.get("info") or {}).get("sha256")}
+    info = {**dict(meta.get("info") or {}), "converted_from": (meta.get("info") or {}).get("sha256"),
+            "sha256": sha256_of(path)}
     return PublishedNet(str(meta["net"]), dict(meta["net_kwargs"]), state, str(meta["precond"]),
                         dict(meta["kernel"]), info)
