@@ -188,6 +188,11 @@ def test_edm_pickle_refuses_a_global_outside_the_allow_list(tmp_path):
         f"edm pickle {path} refers to the global os.system, which is not on the edm pickle allow-list (tensors, "
         "torch.nn containers, OrderedDict, EasyDict, numpy scalars, torch_utils.persistence records); it was refused.")
     assert not (tmp_path / "pwned").exists()
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(pickle.dumps({"ema": [torch.zeros(3)] * 2})[:40])
+    with pytest.raises(ValueError) as err:
+        read_edm_pickle(cut)
+    assert str(err.value) == f"edm pickle {cut}: pickle data was truncated."
 
 
 def test_augment_layer_matches_the_released_parameter_count_and_is_inert_at_zero_labels():

@@ -52,11 +52,12 @@ class _ModuleState:
     def tensors(self, prefix: str = "") -> dict[str, Tensor]:
         """Parameters and buffers of this module and its sub-modules, by their ``state_dict`` names."""
         out: dict[str, Tensor] = {}
+        state = getattr(self, "state", None) or {}  # a container pickled without BUILD has none
         for group in ("_parameters", "_buffers"):
-            for k, v in (self.state.get(group) or {}).items():
+            for k, v in (state.get(group) or {}).items():
                 if v is not None:
                     out[prefix + k] = v.detach() if isinstance(v, Tensor) else v
-        for k, child in (self.state.get("_modules") or {}).items():
+        for k, child in (state.get("_modules") or {}).items():
             if isinstance(child, _ModuleState):
                 out.update(child.tensors(f"{prefix}{k}."))
         return out
@@ -155,9 +156,12 @@ def read_edm_pickle(path: str | Path, key: str = "ema") -> PublishedNet:
         try:
             data = EDMUnpickler(f, name=f"edm pickle {path}").load()
         except pickle.UnpicklingError as err:
-            raise ValueError(str(err)) from None
+            msg = str(err) if str(err).startswith("edm pickle") else f"edm pickle {path}: {err}."
+            raise ValueError(msg) from None
         except Exception as err:  # truncated file, not a pickle, ...
-            raise ValueError(f"edm pickle {path} could not be read: {type(err).__name__}: {err}.") from None
+            reason = (str(err).splitlines() or [""])[0].rstrip(".")
+            raise ValueError(f"edm pickle {path} could not be read (truncated or not a pickle?): "
+                             f"{type(err).__name__}: {reason}.") from None
     net = data.get(key) if isinstance(data, dict) else data
     if not isinstance(net, PersistentRecord):
         raise ValueError(f"edm pickle {path} holds no persistent network under {key!r} (an edm snapshot has 'ema').")
