@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_repro.nets.adm_unet import DhariwalUNet
 from lightning_repro.nets.dit import DiT
 from lightning_repro.nets.edm_unet import SongUNet
 from lightning_repro.nets.uvit import UViT
@@ -67,13 +68,14 @@ def _edm_tree(flat: dict[str, torch.Tensor], root: _Persistent, src: str) -> _Pe
     return root
 
 
-def _edm_names(sd: dict[str, torch.Tensor], res: int, filt: list[int]) -> dict[str, torch.Tensor]:
-    """The suite's SongUNet names -> edm's (output layer, resampling-filter buffers of up/down convs)."""
+def _edm_names(sd: dict[str, torch.Tensor], res: int, filt: list[int], out_layer: bool) -> dict[str, torch.Tensor]:
+    """The suite's names -> edm's (SongUNet's output layer; resampling-filter buffers of up/down convs)."""
     f = torch.tensor(filt, dtype=torch.float32)
     f = torch.outer(f, f)[None, None] / f.sum().square()
     out = {}
     for k, v in sd.items():
-        k = k.replace("out_norm.", f"dec.{res}x{res}_aux_norm.").replace("out_conv.", f"dec.{res}x{res}_aux_conv.")
+        if out_layer:
+            k = k.replace("out_norm.", f"dec.{res}x{res}_aux_norm.").replace("out_conv.", f"dec.{res}x{res}_aux_conv.")
         out[k] = v
         mod = k.rsplit(".", 1)[0]
         if k.endswith(".weight") and (("_down." in k or "_up." in k) and mod.endswith(("conv0", "skip"))
@@ -82,14 +84,15 @@ def _edm_names(sd: dict[str, torch.Tensor], res: int, filt: list[int]) -> dict[s
     return out
 
 
-def _write_edm_pickle(path, monkeypatch, marker, precond: str, pk: dict, song: dict, sd: dict, res: int) -> None:
+def _write_edm_pickle(path, monkeypatch, marker, precond: str, pk: dict, song: dict, sd: dict, res: int,
+                      model_type: str = "SongUNet") -> None:
     src = (f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\n"
            "raise RuntimeError('embedded source executed')\n")
-    model = _edm_tree(_edm_names(sd, res, song.get("resample_filter", [1, 1])),
-                      _Persistent("SongUNet", {"img_resolution": res, "in_channels": 3, "out_channels": 3, **song}, src),
-                      src)
+    names = _edm_names(sd, res, song.get("resample_filter", [1, 1]), out_layer=model_type == "SongUNet")
+    model = _edm_tree(names, _Persistent(model_type, {"img_resolution": res, "in_channels": 3, "out_channels": 3,
+                                                      **song}, src), src)
     net = _Persistent(precond, {"img_resolution": res, "img_channels": 3, "label_dim": song.get("label_dim", 0),
-                                "use_fp16": False, **pk, "model_type": "SongUNet"}, src)
+                                "use_fp16": False, **pk, "model_type": model_type}, src)
     net.add_module("model", model)
     fake = types.ModuleType("torch_utils.persistence")
     fake._reconstruct_persistent_obj = _reconstruct_persistent_obj
@@ -146,19 +149,23 @@ CASES = {
     "ncsnpp-ve": ("VEPrecond", {"sigma_min": 0.02, "sigma_max": 100}, {**TINY, **NCSNPP, "label_dim": 3}, [0, 2, -1]),
     "ddpmpp-vp": ("VPPrecond", {"beta_d": 19.9, "beta_min": 0.1, "M": 1000, "epsilon_t": 1e-5},
                   {**TINY, "label_dim": 3}, [1, -1, 2]),
+    "adm-edm": ("EDMPrecond", {"sigma_data": 0.5}, {**TINY, "model_channels": 64, "label_dim": 3, "augment_dim": 9},
+                [2, 0, -1]),
 }
 
 
-def _suite_net(song: dict) -> SongUNet:
+def _suite_net(song: dict, adm: bool) -> nn.Module:
     kw = {("num_classes" if k == "label_dim" else k): v for k, v in song.items() if k != "decoder_type"}
-    return _randomised(SongUNet(8, 3, 3, swap_sin_cos=True, **kw), 0)
+    return _randomised(DhariwalUNet(8, 3, 3, **kw) if adm else SongUNet(8, 3, 3, swap_sin_cos=True, **kw), 0)
 
 
 def _case(name, tmp_path, monkeypatch):
     precond, pk, song, labels = CASES[name]
-    src = _suite_net(song)
+    adm = name.startswith("adm")
+    src = _suite_net(song, adm)
     path, marker = tmp_path / f"{name}.pkl", tmp_path / "marker.txt"
-    _write_edm_pickle(path, monkeypatch, marker, precond, pk, song, src.state_dict(), 8)
+    _write_edm_pickle(path, monkeypatch, marker, precond, pk, song, src.state_dict(), 8,
+                      "DhariwalUNet" if adm else "SongUNet")
     return path, marker, src, precond, pk, (torch.tensor(labels) if labels else None)
 
 
@@ -168,7 +175,7 @@ def test_edm_pickle_loads_as_data_and_matches_the_edm_formulas(name, tmp_path, m
     pub = read_edm_pickle(path)
     assert not marker.exists()  # the embedded module source never ran
     assert pub.info["edm_precond"] == precond and pub.info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert pub.info["arch"] == ("ncsnpp" if "ncsnpp" in name else "ddpmpp")
+    assert pub.info["arch"] == name.split("-")[0]
     den = pub.denoiser("cpu")
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.05, 1.3, 40.0])

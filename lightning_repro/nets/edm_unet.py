@@ -201,7 +201,9 @@ class _ResidualDown(nn.Conv2d):
 
 class SongUNetBlock(nn.Module):
     """DDPM++ residual block with optional 2x resampling and self-attention (EDM ``UNetBlock`` with
-    ``adaptive_scale=False``, ``resample_proj=True``, ``skip_scale=sqrt(0.5)``, ``eps=1e-6``)."""
+    ``adaptive_scale=False``, ``resample_proj=True``, ``skip_scale=sqrt(0.5)``, ``eps=1e-6`` by default; ADM's
+    block, ``nets.adm_unet``, sets ``adaptive_scale=True`` (``silu(shift + GN(h) (1 + scale))``), ``skip_scale=1``,
+    ``eps=1e-5``, ``resample_proj=False`` (a bare resampled skip) and ``channels_per_head=64``)."""
 
     def __init__(
         self,
@@ -215,28 +217,34 @@ class SongUNetBlock(nn.Module):
         dropout: float = 0.0,
         resample_filter: Sequence[int] = (1, 1),
         takes_skip: bool = False,
+        adaptive_scale: bool = False,
+        skip_scale: float = math.sqrt(0.5),
+        eps: float = 1e-6,
+        resample_proj: bool = True,
+        channels_per_head: int = 0,  # > 0: num_heads = out_channels // channels_per_head (ADM)
     ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.takes_skip = takes_skip
         self.dropout = dropout
-        self.skip_scale = math.sqrt(0.5)
+        self.skip_scale, self.adaptive_scale = skip_scale, adaptive_scale
         self.resample = _Resample("up" if up else "down", resample_filter) if (up or down) else None
-        self.norm0 = group_norm(in_channels)
+        self.norm0 = group_norm(in_channels, eps)
         self.conv0 = xavier_init(nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.affine = xavier_init(nn.Linear(emb_channels, out_channels))
-        self.norm1 = group_norm(out_channels)
+        self.affine = xavier_init(nn.Linear(emb_channels, out_channels * (2 if adaptive_scale else 1)))
+        self.norm1 = group_norm(out_channels, eps)
         self.conv1 = xavier_init(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
         self.skip = None
-        if in_channels != out_channels or up or down:
+        if in_channels != out_channels or ((up or down) and resample_proj):
             self.skip = xavier_init(nn.Conv2d(in_channels, out_channels, 1))
+        num_heads = out_channels // channels_per_head if channels_per_head else num_heads
         self.num_heads = num_heads if attention else 0
         if self.num_heads:
             if out_channels % num_heads:
                 raise ValueError(
                     f"SongUNet: num_heads {num_heads} does not divide the block width {out_channels}."
                 )
-            self.norm2 = group_norm(out_channels)
+            self.norm2 = group_norm(out_channels, eps)
             self.qkv = xavier_init(nn.Conv2d(out_channels, out_channels * 3, 1), gain=math.sqrt(0.2))
             self.proj = xavier_init(nn.Conv2d(out_channels, out_channels, 1), gain=1e-5)
 
@@ -245,7 +253,12 @@ class SongUNetBlock(nn.Module):
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.conv0(h)
-        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
         x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
         if self.num_heads:

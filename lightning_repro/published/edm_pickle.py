@@ -5,8 +5,8 @@ networks are ``torch_utils.persistence`` objects: each reduces to ``_reconstruct
 ``meta = {type, version, module_src, class_name, state}`` (``state`` is the module's ``__dict__``, holding its
 ``_init_kwargs``, ``_parameters``, ``_buffers`` and ``_modules``).  ``EDMUnpickler`` turns each such call into an
 inert ``PersistentRecord`` (the embedded source is kept as text and never executed) and refuses every global
-outside a short allow-list, naming it.  The suite's own ``SongUNet`` is then built from the record's class name
-and init kwargs and loaded with its tensors.
+outside a short allow-list, naming it.  The suite's own ``SongUNet`` (DDPM++, NCSN++) or ``DhariwalUNet``
+(ADM) is then built from the record's class name and init kwargs and loaded with its tensors.
 
 Preconditionings (edm ``training/networks.py``), with ``F`` the network:
 
@@ -41,6 +41,8 @@ _SONG_KEYS = {  # edm SongUNet argument -> the suite's SongUNet argument
     "attn_resolutions": "attn_resolutions", "dropout": "dropout", "embedding_type": "embedding_type",
     "channel_mult_noise": "channel_mult_noise", "encoder_type": "encoder_type", "resample_filter": "resample_filter",
 }
+_ADM_KEYS = ("label_dim", "augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
+             "attn_resolutions", "dropout")
 _SONG_IGNORED = ("img_resolution", "in_channels", "out_channels", "label_dropout", "decoder_type")
 
 
@@ -176,27 +178,30 @@ def _map_network(rec: PersistentRecord, where: str) -> PublishedNet:
                          f"{', '.join(EDM_PRECONDS)}).")
     pk = rec.init_kwargs
     model = (rec.state.get("_modules") or {}).get("model")
-    if not isinstance(model, PersistentRecord) or model.class_name != "SongUNet":
+    if not isinstance(model, PersistentRecord) or model.class_name not in ("SongUNet", "DhariwalUNet"):
         name = model.class_name if isinstance(model, PersistentRecord) else type(model).__name__
-        raise ValueError(f"{where}: the {rec.class_name}'s model is {name}; only SongUNet (DDPM++, NCSN++) is "
-                         "supported (DhariwalUNet / ADM is not).")
+        raise ValueError(f"{where}: the {rec.class_name}'s model is {name}; only SongUNet (DDPM++, NCSN++) and "
+                         "DhariwalUNet (ADM) are supported.")
     net_kwargs = _song_kwargs(model, where)
     state = _song_state(model.tensors(), net_kwargs["img_resolution"], negate_out=rec.class_name == "VEPrecond")
     kernel = _kernel_spec(rec.class_name, pk, where)
     arch = {("positional", "standard"): "ddpmpp", ("fourier", "residual"): "ncsnpp"}.get(
         (net_kwargs.get("embedding_type", "positional"), net_kwargs.get("encoder_type", "standard")), "songunet")
+    arch = "adm" if model.class_name == "DhariwalUNet" else arch
     info = {"format": "edm-pickle", "arch": arch, "edm_precond": rec.class_name, "kernel": kernel["name"]}
-    return PublishedNet("SongUNet", net_kwargs, state, "edm" if rec.class_name == "EDMPrecond" else "eps", kernel, info)
+    precond = "edm" if rec.class_name == "EDMPrecond" else "eps"
+    return PublishedNet(model.class_name, net_kwargs, state, precond, kernel, info)
 
 
 def _song_kwargs(model: PersistentRecord, where: str) -> dict[str, Any]:
-    """edm ``SongUNet`` init kwargs -> the suite's ``SongUNet`` kwargs (EDM's sin/cos order for both embeddings)."""
-    kw = model.init_kwargs
+    """edm ``SongUNet`` / ``DhariwalUNet`` init kwargs -> the suite's (EDM's sin/cos order for SongUNet)."""
+    kw, cls = model.init_kwargs, model.class_name
     if model.state.get("_init_args"):
-        raise ValueError(f"{where}: the SongUNet was built with positional arguments, which this reader does not map.")
-    unknown = sorted(k for k in kw if k not in _SONG_KEYS and k not in _SONG_IGNORED)
+        raise ValueError(f"{where}: the {cls} was built with positional arguments, which this reader does not map.")
+    keys = _SONG_KEYS if cls == "SongUNet" else {k: v for k, v in _SONG_KEYS.items() if k in _ADM_KEYS}
+    unknown = sorted(k for k in kw if k not in keys and k not in _SONG_IGNORED)
     if unknown:
-        raise ValueError(f"{where}: SongUNet argument(s) {', '.join(unknown)} are not supported.")
+        raise ValueError(f"{where}: {cls} argument(s) {', '.join(unknown)} are not supported.")
     if kw.get("decoder_type", "standard") != "standard" or kw.get("encoder_type", "standard") == "skip":
         raise ValueError(f"{where}: SongUNet encoder_type {kw.get('encoder_type')!r} / decoder_type "
                          f"{kw.get('decoder_type')!r} is not supported (DDPM++ and NCSN++ use standard / residual "
@@ -205,11 +210,14 @@ def _song_kwargs(model: PersistentRecord, where: str) -> dict[str, Any]:
     for k in ("channel_mult", "attn_resolutions", "resample_filter"):
         if k in out:
             out[k] = [int(v) for v in out[k]]
-    out.setdefault("channel_mult", [1, 2, 2, 2])  # edm's SongUNet default
     if int(kw["in_channels"]) != int(kw["out_channels"]):
-        raise ValueError(f"{where}: SongUNet in_channels {kw['in_channels']} != out_channels {kw['out_channels']}.")
-    return {"img_resolution": int(kw["img_resolution"]), "in_channels": int(kw["in_channels"]),
-            "out_channels": int(kw["out_channels"]), **out, "swap_sin_cos": True}
+        raise ValueError(f"{where}: {cls} in_channels {kw['in_channels']} != out_channels {kw['out_channels']}.")
+    head = {"img_resolution": int(kw["img_resolution"]), "in_channels": int(kw["in_channels"]),
+            "out_channels": int(kw["out_channels"])}
+    if cls == "DhariwalUNet":  # the suite's defaults are edm's (channel_mult [1, 2, 3, 4], ...)
+        return {**head, **out}
+    out.setdefault("channel_mult", [1, 2, 2, 2])  # edm's SongUNet default
+    return {**head, **out, "swap_sin_cos": True}
 
 
 def _song_state(tensors: dict[str, Tensor], res: int, negate_out: bool) -> dict[str, Tensor]:

@@ -5,8 +5,8 @@ A converted checkpoint (``save_converted``) is a plain dict of tensors and built
 ``torch.load(weights_only=True)``: ``state_dict`` holds ``ema.net.<name>`` and ``PUBLISHED_KEY`` the network
 description.  When one of the suite's presets expresses the network exactly (DDPM++ SongUNet as ``EDM``, the
 reference U-ViT / DiT as ``UViT`` / ``DiT``) the file also carries the preset's ``lightning_repro`` metadata and
-``model.net.<name>`` weights, so ``module.load_denoiser`` loads it too; otherwise (NCSN++, non-default U-ViT / DiT
-options) only the ``edm:`` / ``uvit:`` / ``dit:`` references read it.
+``model.net.<name>`` weights, so ``module.load_denoiser`` loads it too; otherwise (NCSN++, ADM, non-default U-ViT /
+DiT options) only the ``edm:`` / ``uvit:`` / ``dit:`` references read it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ..precond import Precond, get_precond
 __all__ = ["PublishedNet", "PUBLISHED_KEY", "NETS", "save_converted", "read_converted", "sha256_of"]
 
 PUBLISHED_KEY = "lightning_repro_published"
-NETS = ("SongUNet", "UViT", "DiT")
+NETS = ("SongUNet", "DhariwalUNet", "UViT", "DiT")
 
 
 @dataclass
@@ -55,6 +55,8 @@ class PublishedNet:
             raise ValueError(f"published network class {self.net!r} is not one of {', '.join(NETS)}.")
         if self.net == "SongUNet":
             from ..nets.edm_unet import SongUNet as cls
+        elif self.net == "DhariwalUNet":
+            from ..nets.adm_unet import DhariwalUNet as cls
         elif self.net == "UViT":
             from ..nets.uvit import UViT as cls
         else:
@@ -120,7 +122,7 @@ def save_converted(p: PublishedNet, out: str | Path) -> bool:
 
 
 def _without_augment(p: PublishedNet) -> PublishedNet:
-    if p.net != "SongUNet" or not p.net_kwargs.get("augment_dim"):
+    if p.net not in ("SongUNet", "DhariwalUNet") or not p.net_kwargs.get("augment_dim"):
         return p
     state = {k: v for k, v in p.state_dict.items() if not k.startswith("map_augment.")}
     info = {**p.info, "dropped": "map_augment (augmentation labels are zero at sampling)"}
@@ -131,6 +133,8 @@ def _preset_module(p: PublishedNet):
     """The suite preset that builds exactly ``p``'s network, with ``p``'s kernel and preconditioning, or None."""
     from ..module import EDM, DiT, UViT
 
+    if p.net == "DhariwalUNet":  # no preset builds ADM
+        return None
     kw = dict(p.net_kwargs)
     common = dict(kernel=p.kernel_spec["name"], kernel_kwargs=p.kernel_spec.get("kwargs") or {},
                   precond=p.precond, image_shape=p.image_shape, num_classes=p.num_classes)
