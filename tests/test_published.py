@@ -334,3 +334,38 @@ def test_uvit_and_dit_references_and_conversion(tmp_path):
     assert str(err.value) == (f"'dit:{path}?heads=2': 'heads=2' is not one of the options num_heads=..., "
                               "null_row=..., kernel=..., data=....")
     assert math.isfinite(float(want.abs().max()))
+
+
+def test_ncsnpp_residual_down_is_one_strided_conv_with_the_composed_kernel():
+    """edm's fused ``Conv2d(kernel=3, down=True, [1, 3, 3, 1])`` = conv(w, pad 3) then FIR stride 2 = one stride-2 conv
+    with the 6x6 kernel ``K[c] = sum_{a + b = c} w[a] f[b]``, padding 2 (an independent formulation)."""
+    from lightning_repro.nets.edm_unet import _ResidualDown
+
+    m = _randomised(_ResidualDown(3, 5, [1, 3, 3, 1]), 9)
+    f = torch.tensor([1.0, 3, 3, 1])
+    f = torch.outer(f, f) / f.sum() ** 2
+    k = torch.zeros(5, 3, 6, 6)
+    for a0 in range(3):
+        for a1 in range(3):
+            k[:, :, a0:a0 + 4, a1:a1 + 4] += m.weight[:, :, a0, a1, None, None] * f
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), torch.nn.functional.conv2d(x, k, m.bias, stride=2, padding=2),
+                                   rtol=0, atol=1e-5)
+
+
+def test_adm_block_is_adaptive_group_norm_with_a_bare_resampled_skip():
+    """ADM's down block (edm ``UNetBlock(adaptive_scale=True, skip_scale=1, eps=1e-5, resample_proj=False)``) written
+    out: ``x' = avgpool(x) + conv1(silu(shift + GN(conv0(avgpool(silu(GN(x))))) (1 + scale)))``."""
+    from lightning_repro.nets.edm_unet import SongUNetBlock
+
+    b = _randomised(SongUNetBlock(8, 8, 12, down=True, adaptive_scale=True, skip_scale=1.0, eps=1e-5,
+                                  resample_proj=False, channels_per_head=64), 10)
+    assert b.skip is None and b.norm0.eps == 1e-5 and b.affine.out_features == 16
+    x, emb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
+    F = torch.nn.functional
+    with torch.no_grad():
+        h = b.conv0(F.avg_pool2d(F.silu(F.group_norm(x, 2, b.norm0.weight, b.norm0.bias, 1e-5)), 2))
+        scale, shift = b.affine(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(shift + F.group_norm(h, 2, b.norm1.weight, b.norm1.bias, 1e-5) * (1 + scale))
+        torch.testing.assert_close(b(x, emb), b.conv1(h) + F.avg_pool2d(x, 2), rtol=0, atol=1e-5)

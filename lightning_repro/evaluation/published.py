@@ -56,7 +56,7 @@ class PublishedReference(Reference):
         path, opts, data_spec = split_published_spec(spec, cls.kind, cls.options)
         net = read_published(cls.kind, path, **opts)
         data = parse_data_spec(data_spec)[0] if data_spec is not None else None
-        sha = str(net.info.get("sha256") or net.info.get("converted_from"))
+        sha = str(net.info["sha256"])
         p = Path(path).expanduser()
         info = {"kind": cls.kind, "path": str(p.resolve()), **net.info, "sha256": sha, "precond": net.precond,
                 "kernel": net.kernel_spec["name"], "size": None, "subset_seed": None, "seed": None,
@@ -78,7 +78,7 @@ class PublishedReference(Reference):
 @register_reference("edm")
 @dataclass
 class EDMReference(PublishedReference):
-    """``edm:FILE.pkl``: an NVlabs/edm snapshot (SongUNet DDPM++ / NCSN++ under VP, VE or EDM preconditioning)."""
+    """``edm:FILE.pkl``: an NVlabs/edm snapshot (SongUNet DDPM++ / NCSN++ or ADM under VP, VE or EDM precond)."""
 
 
 @register_reference("uvit")
