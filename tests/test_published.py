@@ -369,3 +369,24 @@ def test_adm_block_is_adaptive_group_norm_with_a_bare_resampled_skip():
         scale, shift = b.affine(emb)[:, :, None, None].chunk(2, dim=1)
         h = F.silu(shift + F.group_norm(h, 2, b.norm1.weight, b.norm1.bias, 1e-5) * (1 + scale))
         torch.testing.assert_close(b(x, emb), b.conv1(h) + F.avg_pool2d(x, 2), rtol=0, atol=1e-5)
+
+
+def test_class_tables_without_a_null_row(tmp_path):
+    src = _randomised(UViT(8, 3, 3, num_classes=4, patch_size=2, embed_dim=32, depth=2, num_heads=2), 11)
+    path = tmp_path / "u.pth"
+    torch.save({**src.state_dict(), "label_emb.weight": src.label_emb.weight[:4].clone()}, path)  # 4 rows, no null
+    pub = read_uvit(path, num_heads=2, null_row="none")
+    assert pub.num_classes == 4 and torch.equal(pub.state_dict["label_emb.weight"][4], torch.zeros(32))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([5.0, 700.0]), torch.tensor([3, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(pub.build()(x, t, y), src(x, t, y), rtol=0, atol=1e-5)
+    dit = _randomised(DiT(8, 3, 3, num_classes=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                          class_dropout_prob=0.0), 12)
+    torch.save(dit.state_dict(), tmp_path / "d.pt")
+    pub = read_dit(tmp_path / "d.pt", num_heads=2, null_row="none")
+    assert (pub.num_classes, pub.net_kwargs["class_dropout_prob"]) == (4, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(pub.build()(x, t, y), dit(x, t, y), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError) as err:
+        read_dit(tmp_path / "d.pt", num_heads=2, null_row="middle")
+    assert str(err.value) == "null_row must be one of last, first, none, got 'middle'."

@@ -125,8 +125,12 @@ def _allowed() -> dict[tuple[str, str], Any]:
     }
     for name in ("ModuleDict", "ModuleList", "Sequential"):
         allowed[("torch.nn.modules.container", name)] = TorchContainer
+    try:  # numpy >= 2 moved numpy.core to numpy._core; pickles name either
+        from numpy._core.multiarray import scalar
+    except ImportError:
+        from numpy.core.multiarray import scalar
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "scalar")] = np.core.multiarray.scalar
+        allowed[(mod, "scalar")] = scalar
     return allowed
 
 
