@@ -105,6 +105,7 @@ def _storage_from_bytes(data: bytes):
 
 
 def _parameter(data: Tensor, requires_grad: bool = False, *_hooks_or_state) -> Tensor:
+    """``torch._utils._rebuild_parameter(_with_state)`` as the plain tensor (hooks and extra state are dropped)."""
     return data
 
 
