@@ -4,6 +4,7 @@
 place they are computed), ``distributed`` (torchrun), ``report`` (heatmaps, W&B) and ``cli`` (``evaluate.py``).
 """
 
+from . import published  # noqa: F401  (registers the edm:, uvit:, dit: references)
 from .cli import DEFAULT_SEEDS, main, run_matrix, run_pair, run_sample
 from .distributed import init_distributed
 from .references import (

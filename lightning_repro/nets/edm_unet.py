@@ -20,6 +20,12 @@ Every residual block is ``(h + skip(x)) / sqrt(2)`` with ``h = conv1(dropout(sil
 configuration (``model_channels=128``, ``channel_mult=(2,2,2)``, 4 blocks, attention at 16) has
 55,732,739 parameters, exactly as EDM's.
 
+Options for the released EDM networks (all off by default, so the configurations above are unchanged):
+``augment_dim`` (EDM's bias-free ``map_augment`` of the augmentation labels; zero labels add exactly 0),
+``encoder_type="residual"`` (NCSN++'s progressive-input branch ``x = (x + down(aux)) / sqrt(2)``, a 3x3 conv
+followed by FIR down-sampling), ``swap_sin_cos`` (EDM feeds ``[sin, cos]`` for the Fourier embedding as well)
+and ``fourier_scale``; NCSN++ is ``embedding_type="fourier", channel_mult_noise=2, resample_filter=[1, 3, 3, 1]``.
+
 The network is fully convolutional: it accepts any input whose height and width are divisible by
 ``2 ** (len(channel_mult) - 1)``; ``channels_last`` inputs keep their memory format.
 """
@@ -178,9 +184,26 @@ class _Resample(nn.Module):
         return F.conv_transpose2d(x, (f * 4).tile(c, 1, 1, 1), groups=c, stride=2, padding=self.pad)
 
 
+class _ResidualDown(nn.Conv2d):
+    """NCSN++'s progressive-input ("residual") branch: a 3x3 conv, then 2x FIR down-sampling, then the bias
+    (EDM's fused ``Conv2d(kernel=3, down=True, fused_resample=True)``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, resample_filter: Sequence[int]):
+        super().__init__(in_channels, out_channels, 3)
+        self.resample = _Resample("down", resample_filter)
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.resample.filter.to(x.dtype)
+        x = F.conv2d(x, self.weight.to(x.dtype), padding=1 + self.resample.pad)
+        x = F.conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)
+        return x + self.bias.to(x.dtype)[None, :, None, None]
+
+
 class SongUNetBlock(nn.Module):
     """DDPM++ residual block with optional 2x resampling and self-attention (EDM ``UNetBlock`` with
-    ``adaptive_scale=False``, ``resample_proj=True``, ``skip_scale=sqrt(0.5)``, ``eps=1e-6``)."""
+    ``adaptive_scale=False``, ``resample_proj=True``, ``skip_scale=sqrt(0.5)``, ``eps=1e-6`` by default; ADM's
+    block, ``nets.adm_unet``, sets ``adaptive_scale=True`` (``silu(shift + GN(h) (1 + scale))``), ``skip_scale=1``,
+    ``eps=1e-5``, ``resample_proj=False`` (a bare resampled skip) and ``channels_per_head=64``)."""
 
     def __init__(
         self,
@@ -194,28 +217,34 @@ class SongUNetBlock(nn.Module):
         dropout: float = 0.0,
         resample_filter: Sequence[int] = (1, 1),
         takes_skip: bool = False,
+        adaptive_scale: bool = False,
+        skip_scale: float = math.sqrt(0.5),
+        eps: float = 1e-6,
+        resample_proj: bool = True,
+        channels_per_head: int = 0,  # > 0: num_heads = out_channels // channels_per_head (ADM)
     ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.takes_skip = takes_skip
         self.dropout = dropout
-        self.skip_scale = math.sqrt(0.5)
+        self.skip_scale, self.adaptive_scale = skip_scale, adaptive_scale
         self.resample = _Resample("up" if up else "down", resample_filter) if (up or down) else None
-        self.norm0 = group_norm(in_channels)
+        self.norm0 = group_norm(in_channels, eps)
         self.conv0 = xavier_init(nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.affine = xavier_init(nn.Linear(emb_channels, out_channels))
-        self.norm1 = group_norm(out_channels)
+        self.affine = xavier_init(nn.Linear(emb_channels, out_channels * (2 if adaptive_scale else 1)))
+        self.norm1 = group_norm(out_channels, eps)
         self.conv1 = xavier_init(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
         self.skip = None
-        if in_channels != out_channels or up or down:
+        if in_channels != out_channels or ((up or down) and resample_proj):
             self.skip = xavier_init(nn.Conv2d(in_channels, out_channels, 1))
+        num_heads = out_channels // channels_per_head if channels_per_head else num_heads
         self.num_heads = num_heads if attention else 0
         if self.num_heads:
             if out_channels % num_heads:
                 raise ValueError(
                     f"SongUNet: num_heads {num_heads} does not divide the block width {out_channels}."
                 )
-            self.norm2 = group_norm(out_channels)
+            self.norm2 = group_norm(out_channels, eps)
             self.qkv = xavier_init(nn.Conv2d(out_channels, out_channels * 3, 1), gain=math.sqrt(0.2))
             self.proj = xavier_init(nn.Conv2d(out_channels, out_channels, 1), gain=1e-5)
 
@@ -224,7 +253,12 @@ class SongUNetBlock(nn.Module):
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.conv0(h)
-        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
         x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
         if self.num_heads:
@@ -257,8 +291,14 @@ class SongUNet(nn.Module):
         channel_mult_noise: int = 1,
         resample_filter: Sequence[int] = (1, 1),
         num_heads: int = 1,
+        augment_dim: int = 0,  # EDM's augmentation-label width (9 in the released CIFAR-10 nets), 0 = none
+        encoder_type: str = "standard",  # "standard" (DDPM++) or "residual" (NCSN++'s progressive input)
+        swap_sin_cos: bool | None = None,  # emb order [sin, cos]; None: positional only (EDM swaps both)
+        fourier_scale: float = 16.0,  # std of the random Fourier frequencies (NCSN++)
     ):
         super().__init__()
+        if encoder_type not in ("standard", "residual"):
+            raise ValueError(f"SongUNet: encoder_type must be 'standard' or 'residual', got {encoder_type!r}.")
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(
                 f"SongUNet: embedding_type must be 'positional' or 'fourier', got {embedding_type!r}."
@@ -279,9 +319,12 @@ class SongUNet(nn.Module):
         if embedding_type == "positional":
             self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
         else:
-            self.map_noise = FourierEmbedding(noise_channels)
-        self.swap_sin_cos = embedding_type == "positional"
+            self.map_noise = FourierEmbedding(noise_channels, scale=fourier_scale)
+        self.swap_sin_cos = embedding_type == "positional" if swap_sin_cos is None else bool(swap_sin_cos)
         self.map_label = xavier_init(nn.Linear(num_classes, noise_channels)) if num_classes else None
+        if augment_dim:  # bias-free, so zero augmentation labels (sampling) contribute exactly nothing
+            self.map_augment = xavier_init(nn.Linear(augment_dim, noise_channels, bias=False))
+        self.augment_dim, self.encoder_type = int(augment_dim), encoder_type
         self.map_layer0 = xavier_init(nn.Linear(noise_channels, emb_channels))
         self.map_layer1 = xavier_init(nn.Linear(emb_channels, emb_channels))
 
@@ -294,7 +337,7 @@ class SongUNet(nn.Module):
 
     def _encoder(self, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions, block) -> nn.ModuleDict:
         """Per resolution: the input conv (first level) or a down-sampling block, then ``num_blocks`` blocks."""
-        enc, cout = nn.ModuleDict(), in_channels
+        enc, cout, caux = nn.ModuleDict(), in_channels, in_channels
         for level, mult in enumerate(channel_mult):
             res = self.img_resolution >> level
             if level == 0:
@@ -302,6 +345,10 @@ class SongUNet(nn.Module):
                 enc[f"{res}x{res}_conv"] = xavier_init(nn.Conv2d(in_channels, cout, 3, padding=1))
             else:
                 enc[f"{res}x{res}_down"] = SongUNetBlock(cout, cout, down=True, **block)
+                if self.encoder_type == "residual":
+                    enc[f"{res}x{res}_aux_residual"] = xavier_init(
+                        _ResidualDown(caux, cout, block["resample_filter"]))
+                    caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 enc[f"{res}x{res}_block{idx}"] = SongUNetBlock(cin, cout, attention=res in attn_resolutions, **block)
@@ -310,7 +357,7 @@ class SongUNet(nn.Module):
     def _decoder(self, cout, model_channels, channel_mult, num_blocks, attn_resolutions, block) -> nn.ModuleDict:
         """Per resolution, coarsest first: two middle blocks or an up-sampling block, then ``num_blocks + 1``
         blocks that each take one encoder skip (popped in reverse order)."""
-        skips = [m.out_channels for m in self.enc.values()]
+        skips = [m.out_channels for m in self.enc.values() if not isinstance(m, _ResidualDown)]
         dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = self.img_resolution >> level
@@ -325,7 +372,8 @@ class SongUNet(nn.Module):
                     cin, cout, attention=idx == num_blocks and res in attn_resolutions, takes_skip=True, **block)
         return dec
 
-    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
         noise_labels = check_unet_input("SongUNet", x, noise_labels, self.in_channels, self.factor)
         emb = self.map_noise(noise_labels)
         if self.swap_sin_cos:  # EDM's DDPM++ uses [sin, cos]
@@ -334,10 +382,15 @@ class SongUNet(nn.Module):
         if self.map_label is not None:
             y = class_one_hot("SongUNet", class_labels, self.num_classes, x.shape[0], x.device)
             emb = emb + self.map_label((y * math.sqrt(self.num_classes)).to(emb.dtype))
+        if self.augment_dim and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
-        skips = []
+        skips, aux = [], x
         for m in self.enc.values():
+            if isinstance(m, _ResidualDown):  # NCSN++: x = skips[-1] = aux = (x + down(aux)) / sqrt(2)
+                x = skips[-1] = aux = (x + m(aux)) / math.sqrt(2)
+                continue
             x = m(x, emb) if isinstance(m, SongUNetBlock) else m(x)
             skips.append(x)
         for m in self.dec.values():

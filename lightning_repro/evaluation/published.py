@@ -1,0 +1,98 @@
+"""Model references for published checkpoints (DESIGN.md, "a published checkpoint is one more Denoiser").
+
+Specs ``edm:FILE.pkl`` (NVlabs/edm), ``uvit:FILE.pth`` (baofff/U-ViT), ``dit:FILE.pt`` (facebookresearch/DiT) and
+their converted ``FILE.ckpt`` (``python -m lightning_repro.published convert``), with options after ``?``:
+``num_heads=N``, ``null_row=last|first|none``, ``kernel=NAME`` (U-ViT / DiT) and ``data=<data spec>`` (last, as in
+``optimal:``, e.g. ``?data=cifar10`` or ``?data=digits?size=64``): the training set, which a published file does
+not record, for GL and the nearest training images.  Files are read as data (``lightning_repro.published``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import unquote_plus
+
+import torch
+from torch import Tensor
+
+from .common import safe_name
+from .references import Reference, parse_data_spec, register_reference
+
+__all__ = ["PublishedReference", "EDMReference", "UViTReference", "DiTReference", "split_published_spec"]
+
+# -- NVlabs/edm, U-ViT, DiT
+
+
+def split_published_spec(spec: str, kind: str, allowed: tuple[str, ...]) -> tuple[str, dict[str, Any], str | None]:
+    """``FILE?key=value&...&data=<data spec>`` -> (file, options, data spec or None)."""
+    path, _, query = spec.partition("?")
+    data = None
+    if "data=" in query:
+        query, _, data = query.partition("data=")
+        query = query.rstrip("&")
+    opts: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = (unquote_plus(p) for p in part.partition("="))
+        if not eq or key not in allowed:
+            raise ValueError(f"'{kind}:{spec}': {part!r} is not one of the options "
+                             f"{', '.join(f'{k}=...' for k in (*allowed, 'data'))}.")
+        opts[key] = int(value) if key == "num_heads" else value
+    return path, opts, data
+
+
+@dataclass
+class PublishedReference(Reference):
+    """A published network (``lightning_repro.published.PublishedNet``) behind a ``kind:FILE[?options]`` spec."""
+
+    options: ClassVar[tuple[str, ...]] = ()
+    _net: Any = None
+
+    @classmethod
+    def from_spec(cls, spec: str, text: str, partner: Reference | None) -> Reference:
+        from ..published import read_published
+
+        path, opts, data_spec = split_published_spec(spec, cls.kind, cls.options)
+        net = read_published(cls.kind, path, **opts)
+        data = parse_data_spec(data_spec)[0] if data_spec is not None else None
+        sha = str(net.info["sha256"])
+        p = Path(path).expanduser()
+        info = {"kind": cls.kind, "path": str(p.resolve()), **net.info, "sha256": sha, "precond": net.precond,
+                "kernel": net.kernel_spec["name"], "size": None, "subset_seed": None, "seed": None,
+                "source": (data or {}).get("source")}
+        return cls(text=text, label=p.stem, name=f"{safe_name(p.stem)}-{sha[:10]}", sha256=sha,
+                   image_shape=net.image_shape, num_classes=net.num_classes, info=info, data=data,
+                   kernel_spec=dict(net.kernel_spec), _net=net)
+
+    def _load_denoiser(self, device: torch.device):
+        return self._net.denoiser(device)
+
+    def training_set(self) -> tuple[Tensor, Tensor | None]:
+        if self.data is None:
+            raise ValueError(f"{self.text} is a published model that records no training set; name one to compute "
+                             f"GL and nearest training images, e.g. '{self.kind}:{self.info['path']}?data=cifar10'.")
+        return super().training_set()
+
+
+@register_reference("edm")
+@dataclass
+class EDMReference(PublishedReference):
+    """``edm:FILE.pkl``: an NVlabs/edm snapshot (SongUNet DDPM++ / NCSN++ or ADM under VP, VE or EDM precond)."""
+
+
+@register_reference("uvit")
+@dataclass
+class UViTReference(PublishedReference):
+    """``uvit:FILE.pth``: a baofff/U-ViT pixel-space state dict (continuous VP, epsilon-prediction)."""
+
+    options: ClassVar[tuple[str, ...]] = ("num_heads", "null_row", "kernel")
+
+
+@register_reference("dit")
+@dataclass
+class DiTReference(PublishedReference):
+    """``dit:FILE.pt``: a facebookresearch/DiT pixel-space state dict (DDPM timesteps, epsilon half kept)."""
+
+    options: ClassVar[tuple[str, ...]] = ("num_heads", "null_row", "kernel")
+
