@@ -101,6 +101,11 @@ class Kernel:
         """Std of ``x_T`` in the EDM variable: ``x_T = prior_scale * z`` for the shared noise ``z``."""
         return self.sigma_max
 
+    def start_scale(self, sigmas: Tensor) -> float:
+        """Std of ``x_T`` for a grid starting at ``sigmas[0]``: ``prior_scale`` (a discrete schedule whose first
+        timestep depends on the step count overrides it, e.g. ``published.diffusers.DiffusersKernel``)."""
+        return self.prior_scale
+
     # -- sampling grid ---------------------------------------------------------------------
     def sigmas(self, steps: int) -> Tensor:
         """Native grid: ``steps`` descending noise levels from ``sigma_max`` to ``sigma_min``, then 0."""

@@ -6,6 +6,7 @@ place they are computed), ``distributed`` (torchrun), ``report`` (heatmaps, W&B)
 
 from .cli import DEFAULT_SEEDS, main, run_matrix, run_pair, run_sample
 from .distributed import init_distributed
+from .published import DiffusersReference
 from .references import (
     REFERENCES,
     CheckpointReference,
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointReference",
     "OptimalReference",
     "SamplesReference",
+    "DiffusersReference",
     "REFERENCES",
     "register_reference",
     "resolve_model",

@@ -1,0 +1,1 @@
+"""Published checkpoints as Denoisers: loaders that read other codebases' files as data (``diffusers``: pipeline folders)."""

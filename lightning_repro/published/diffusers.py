@@ -1,0 +1,330 @@
+"""diffusers pipelines as Denoisers in the EDM variable (Karras et al. 2022, App. B.2; Song, Meng & Ermon 2021).
+
+A discrete schedule ``alpha_bar_t`` (DDPM / DDIM / PNDM / DPM-Solver multistep scheduler configs) is a VP kernel:
+``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` and ``x = x_vp / sqrt(alpha_bar_t)`` (``DiffusersKernel``).  Its
+native grid is the scheduler's own ``set_timesteps`` spacing (then DDIM's final ``alpha_bar``), so the suite's Euler
+sampler on it is DDIM (eta = 0) and its DPM-Solver++ is the scheduler's.  ``UNetDenoiser`` turns the network's
+epsilon / v / x0 output into ``x0_hat``; a text-to-image UNet (Stable Diffusion) is conditioned on the prompt's CLIP
+embedding (label 0) or the empty prompt's (label -1, the null class of classifier-free guidance) and works in the
+VAE's latent space; ``LatentDecoder`` maps final latents to images.  Weights load through diffusers' / transformers'
+``from_pretrained`` (safetensors, or ``torch.load(weights_only=True)``), never running code from a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import KERNELS, VPKernel, append_zero
+from ..precond import as_sigma_batch
+
+__all__ = [
+    "DiffusersKernel",
+    "UNetDenoiser",
+    "LatentDecoder",
+    "PipelineSpec",
+    "PipelineFolder",
+    "parse_spec",
+    "locate",
+    "read_folder",
+    "load_denoiser",
+    "load_decoder",
+    "DDIM_FAMILY",
+    "COMPONENTS",
+]
+
+DDIM_FAMILY = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")  # sampled on DDIM's timestep spacing
+_DPM = "DPMSolverMultistepScheduler"
+_UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
+COMPONENTS = ("scheduler", "unet", "vae", "text_encoder", "tokenizer")  # the pipeline folders read
+_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def _scheduler(config: dict[str, Any]):
+    """A diffusers scheduler for ``config`` (DDPM / PNDM configs get DDIM, their deterministic counterpart)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    name = config.get("_class_name", "DDIMScheduler")
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    if name == _DPM:
+        return DPMSolverMultistepScheduler.from_config(cfg)
+    if name in DDIM_FAMILY:
+        return DDIMScheduler.from_config(cfg)
+    raise ValueError(
+        f"scheduler {name!r} is not supported; a diffusers pipeline needs one of {', '.join((*DDIM_FAMILY, _DPM))}."
+    )
+
+
+class DiffusersKernel(VPKernel):
+    """The VP kernel of a diffusers scheduler's ``alpha_bar`` table; its native grid is the scheduler's spacing."""
+
+    name = "diffusers"
+
+    def __init__(self, scheduler: dict[str, Any] | None = None):
+        config = dict(scheduler or {"_class_name": "DDIMScheduler"})
+        bad = [k for k in _UNSUPPORTED if config.get(k)]
+        if bad:
+            raise ValueError(
+                f"the scheduler config sets {bad[0]}; the suite's grid follows the scheduler's timestep spacing only, "
+                "so drop that option and choose the sigma grid with --grid (e.g. --grid karras)."
+            )
+        abar = _scheduler(config).alphas_cumprod.to(torch.float64)  # diffusers' float32 table, as its steps use it
+        super().__init__(discrete=True, num_timesteps=len(abar))
+        self._neg_log_abar = -torch.log(abar)
+        self.scheduler = config
+
+    def sigmas(self, steps: int) -> Tensor:
+        """``sigma`` at the scheduler's ``set_timesteps(steps)``, then its final level (DDIM: 0 or ``sigma(0)``)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
+        sched = _scheduler(self.scheduler)
+        sched.set_timesteps(steps)
+        sig = self.sigma(sched.timesteps.to(torch.float64))
+        if self.scheduler.get("_class_name") == _DPM:
+            last_zero = sched.config.final_sigmas_type == "zero"
+        else:
+            last_zero = bool(sched.config.set_alpha_to_one)
+        return append_zero(sig) if last_zero else torch.cat([sig, self.sigma(torch.zeros(1, dtype=torch.float64))])
+
+    def start_scale(self, sigmas: Tensor) -> float:
+        """DDIM starts from ``z`` in the VP variable at its first timestep: ``x_T = sqrt(1 + sigma_0^2) z``."""
+        return math.sqrt(1.0 + float(sigmas[0]) ** 2)
+
+    def config(self) -> dict:
+        return {"name": self.name, "scheduler": self.scheduler}
+
+    def __repr__(self) -> str:
+        return f"DiffusersKernel({self.scheduler.get('_class_name')}, T={self.num_timesteps})"
+
+
+KERNELS.setdefault(DiffusersKernel.name, DiffusersKernel)
+
+
+def _timesteps(kernel: VPKernel, sigma: Tensor) -> Tensor:
+    """Network times of ``sigma``; grid values of the table map back to its integer timesteps (round-off snapped)."""
+    t = kernel.t_of_sigma(sigma.to(torch.float64))
+    r = t.round()
+    return torch.where((t - r).abs() < 1e-6, r, t)
+
+
+class UNetDenoiser(nn.Module):
+    """A diffusers UNet as ``D(x, sigma, labels) -> x0_hat`` in the EDM variable (``x_vp = x / sqrt(1 + sigma^2)``).
+
+    ``context``: (cond, null) text embeddings of a UNet2DConditionModel (label 0 / -1; None labels: cond).
+    """
+
+    def __init__(self, unet: nn.Module, kernel: VPKernel, prediction_type: str, context: tuple[Tensor, Tensor] | None):
+        super().__init__()
+        if prediction_type not in _PREDICTIONS:
+            raise ValueError(f"prediction_type {prediction_type!r} is not one of {', '.join(_PREDICTIONS)}.")
+        self.unet, self.kernel, self.prediction_type = unet.eval().requires_grad_(False), kernel, prediction_type
+        self.context = context
+
+    def _encoder_states(self, labels: Tensor | None, n: int) -> Tensor:
+        cond, null = self.context
+        if labels is None:
+            return cond.expand(n, -1, -1)
+        null_mask = (labels.reshape(-1) < 0).to(cond.device)[:, None, None]
+        return torch.where(null_mask, null, cond)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        sigma = as_sigma_batch(sigma, x).to(torch.float64)
+        shape = (-1, *([1] * (x.ndim - 1)))
+        s2 = (1.0 + sigma**2).reshape(shape)
+        x_vp = x * s2.rsqrt().to(x.dtype)
+        kw = {} if self.context is None else {"encoder_hidden_states": self._encoder_states(labels, x.shape[0])}
+        out = self.unet(x_vp, _timesteps(self.kernel, sigma).to(x.dtype), **kw).sample[:, : x.shape[1]].to(x.dtype)
+        sig = sigma.reshape(shape)
+        if self.prediction_type == "epsilon":  # x0 = (x_vp - sqrt(1 - abar) eps) / sqrt(abar) = x - sigma eps
+            return x - sig.to(x.dtype) * out
+        if self.prediction_type == "v_prediction":  # x0 = sqrt(abar) x_vp - sqrt(1 - abar) v
+            return x / s2.to(x.dtype) - (sig * s2.rsqrt()).to(x.dtype) * out
+        return out
+
+
+class LatentDecoder(nn.Module):
+    """Final state at ``sigma_end`` -> what the pipeline returns: the VP variable ``x / sqrt(1 + sigma_end^2)``,
+    decoded by the VAE (``latents / scaling_factor (+ shift_factor)``) for a latent model."""
+
+    def __init__(self, vae: nn.Module | None = None):
+        super().__init__()
+        self.vae = None if vae is None else vae.eval().requires_grad_(False)
+
+    def forward(self, x: Tensor, sigma_end: float = 0.0) -> Tensor:
+        x = x / math.sqrt(1.0 + float(sigma_end) ** 2)
+        if self.vae is None:
+            return x
+        cfg = self.vae.config
+        z = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        return self.vae.decode(z.to(next(self.vae.parameters()).dtype)).sample.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- specs and folders
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """``diffusers:LOCAL_DIR_OR_HUB_ID[@revision][#subfolder][?prompt=TEXT]``, parsed."""
+
+    location: str  # a local folder or a Hub id owner/name
+    revision: str | None = None  # Hub ids only
+    subfolder: str = ""  # the pipeline inside the folder / repository
+    prompt: str | None = None  # text-to-image pipelines
+
+
+def parse_spec(spec: str) -> PipelineSpec:
+    """The text after ``diffusers:`` -> ``PipelineSpec`` (the prompt is the text after ``?prompt=``, verbatim)."""
+    head, q, query = spec.partition("?")
+    prompt = None
+    if q:
+        if not query.startswith("prompt="):
+            raise ValueError(f"'diffusers:{spec}': the only option is ?prompt=TEXT, got ?{query!r}.")
+        prompt = query[len("prompt=") :]
+    head, _, sub = head.partition("#")
+    rev = None
+    if not Path(head).expanduser().is_dir() and "@" in head:
+        head, _, rev = head.rpartition("@")
+    if not head:
+        raise ValueError(f"'diffusers:{spec}' names no folder or Hub id; write e.g. diffusers:DIR or diffusers:owner/name.")
+    return PipelineSpec(head, rev or None, sub.strip("/"), prompt)
+
+
+def _patterns(sub: str) -> list[str]:
+    pre = f"{sub}/" if sub else ""
+    files = ("*.json", "*.txt", "*.safetensors", "*.bin")
+    return [f"{pre}model_index.json", *(f"{pre}{c}/{f}" for c in COMPONENTS for f in files)]
+
+
+def locate(spec: PipelineSpec) -> Path:
+    """The pipeline folder: a local folder, or the Hub snapshot of an id (cache first, then a download)."""
+    path = Path(spec.location).expanduser()
+    if path.is_dir():
+        if spec.revision:
+            raise ValueError(f"diffusers:{spec.location}@{spec.revision}: a revision applies to Hub ids, not to folders.")
+        return path / spec.subfolder
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec.location):
+        raise ValueError(f"diffusers:{spec.location}: no such folder, and it is not a Hub id of the form owner/name.")
+    from huggingface_hub import snapshot_download
+
+    kw = {"revision": spec.revision, "allow_patterns": _patterns(spec.subfolder),
+          "ignore_patterns": ["*.fp16.*", "*non_ema*", "*.ckpt"]}  # fmt: skip
+    try:
+        root = snapshot_download(spec.location, local_files_only=True, **kw)
+    except Exception:
+        try:
+            root = snapshot_download(spec.location, **kw)
+        except Exception:
+            rev = f" --revision {spec.revision}" if spec.revision else ""
+            raise ValueError(
+                f"{spec.location} is not a local folder and could not be downloaded from the Hugging Face Hub "
+                f"(offline?): run `huggingface-cli download {spec.location}{rev} --local-dir DIR` on a machine with "
+                "network, copy DIR here and pass diffusers:DIR."
+            ) from None
+    return Path(root) / spec.subfolder
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{path} is missing or not valid JSON; expected a diffusers pipeline folder.") from None
+
+
+@dataclass(frozen=True)
+class PipelineFolder:
+    """What a pipeline folder holds (read from its configs, no weights loaded)."""
+
+    path: Path
+    unet: dict[str, Any]
+    scheduler: dict[str, Any]
+    vae: dict[str, Any] | None  # latent models
+    text: bool  # text_encoder + tokenizer (UNet2DConditionModel)
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.unet["sample_size"]
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(self.unet["in_channels"]), int(h), int(w)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        if self.vae is None:
+            return self.sample_shape
+        f = 2 ** (len(self.vae["block_out_channels"]) - 1)
+        _, h, w = self.sample_shape
+        return int(self.vae.get("out_channels", 3)), h * f, w * f
+
+    def digest(self) -> str:
+        """SHA-256 over the relative paths and bytes of every file of the components it reads."""
+        h = hashlib.sha256()
+        for c in COMPONENTS:
+            for f in sorted(p for p in (self.path / c).glob("*") if p.is_file()):
+                h.update(f"{c}/{f.name};".encode())
+                with open(f, "rb") as fh:
+                    while b := fh.read(1 << 20):
+                        h.update(b)
+        return h.hexdigest()
+
+
+def read_folder(path: Path, what: str) -> PipelineFolder:
+    """Check ``path`` is a UNet pipeline folder (unet/, scheduler/; vae/, text_encoder/, tokenizer/ when latent)."""
+    if not (path / "unet" / "config.json").is_file():
+        raise ValueError(f"{what}: {path} holds no unet/config.json; expected a diffusers pipeline folder (unet/, scheduler/).")
+    unet = _json(path / "unet" / "config.json")
+    scheduler = _json(path / "scheduler" / "scheduler_config.json")
+    cls = unet.get("_class_name")
+    if cls == "UNet2DModel":
+        return PipelineFolder(path, unet, scheduler, None, False)
+    if cls != "UNet2DConditionModel":
+        raise ValueError(f"{what}: its unet is a {cls}; supported are UNet2DModel and UNet2DConditionModel.")
+    missing = [c for c in ("vae", "text_encoder", "tokenizer") if not (path / c).is_dir()]
+    if missing:
+        raise ValueError(f"{what}: a UNet2DConditionModel pipeline needs vae/, text_encoder/ and tokenizer/; {path} lacks {missing[0]}/.")
+    return PipelineFolder(path, unet, scheduler, _json(path / "vae" / "config.json"), True)
+
+
+def _encode(folder: PipelineFolder, prompt: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(prompt, empty prompt) CLIP embeddings, tokenized as StableDiffusionPipeline.encode_prompt does."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(folder.path / "tokenizer")
+    enc = CLIPTextModel.from_pretrained(folder.path / "text_encoder").to(device).eval()
+    use_mask = bool(getattr(enc.config, "use_attention_mask", False))
+    out = []
+    with torch.inference_mode():
+        for text in (prompt, ""):
+            t = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+            mask = t.attention_mask.to(device) if use_mask else None
+            out.append(enc(t.input_ids.to(device), attention_mask=mask)[0])
+    return out[0], out[1]
+
+
+def load_denoiser(folder: PipelineFolder, kernel: VPKernel, prompt: str | None, device: torch.device) -> UNetDenoiser:
+    """The folder's UNet as a Denoiser (text pipelines: conditioned on ``prompt`` / the empty prompt)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    cls = UNet2DConditionModel if folder.text else UNet2DModel
+    unet = cls.from_pretrained(folder.path / "unet").to(device)
+    context = _encode(folder, prompt or "", device) if folder.text else None
+    return UNetDenoiser(unet, kernel, folder.scheduler.get("prediction_type", "epsilon"), context)
+
+
+def load_decoder(folder: PipelineFolder, device: torch.device) -> LatentDecoder:
+    """The map from final sampler states to images (the VAE decoder for latent pipelines)."""
+    if not folder.latent:
+        return LatentDecoder()
+    from diffusers import AutoencoderKL
+
+    return LatentDecoder(AutoencoderKL.from_pretrained(folder.path / "vae").to(device))
