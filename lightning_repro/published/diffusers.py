@@ -316,7 +316,7 @@ def load_denoiser(folder: PipelineFolder, kernel: VPKernel, prompt: str | None, 
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     cls = UNet2DConditionModel if folder.text else UNet2DModel
-    unet = cls.from_pretrained(folder.path / "unet").to(device)
+    unet = cls.from_pretrained(folder.path / "unet", low_cpu_mem_usage=False).to(device)
     context = _encode(folder, prompt or "", device) if folder.text else None
     return UNetDenoiser(unet, kernel, folder.scheduler.get("prediction_type", "epsilon"), context)
 
@@ -327,4 +327,4 @@ def load_decoder(folder: PipelineFolder, device: torch.device) -> LatentDecoder:
         return LatentDecoder()
     from diffusers import AutoencoderKL
 
-    return LatentDecoder(AutoencoderKL.from_pretrained(folder.path / "vae").to(device))
+    return LatentDecoder(AutoencoderKL.from_pretrained(folder.path / "vae", low_cpu_mem_usage=False).to(device))
