@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..published import diffusers as hub  # registers the "diffusers" kernel (diffusers itself loads lazily)
 from .common import safe_name
 from .references import Reference, register_reference
 
@@ -34,8 +35,6 @@ class DiffusersReference(Reference):
 
     @classmethod
     def from_spec(cls, spec: str, text: str, partner: Reference | None) -> Reference:
-        from ..published import diffusers as hub
-
         parsed = hub.parse_spec(spec)
         folder = hub.read_folder(hub.locate(parsed), text)
         if folder.text and parsed.prompt is None:
@@ -72,11 +71,7 @@ class DiffusersReference(Reference):
         return self.latent_shape or self.image_shape
 
     def _load_denoiser(self, device: torch.device):
-        from ..published import diffusers as hub
-
         return hub.load_denoiser(self._folder, self.kernel(), self.info["prompt"], device)
 
     def decoder(self, device: torch.device) -> Callable[[Tensor, float], Tensor] | None:
-        from ..published import diffusers as hub
-
         return hub.load_decoder(self._folder, device)
