@@ -141,3 +141,46 @@ def test_folder_without_unet_is_one_sentence(tmp_path):
         f"diffusers:{tmp_path}: {tmp_path} holds no unet/config.json; expected a diffusers pipeline folder "
         "(unet/, scheduler/)."
     )
+
+
+def test_stored_samples_of_a_pipeline_read_back_with_their_kernel(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from lightning_repro.kernels import get_kernel
+    from lightning_repro.published.diffusers import DiffusersKernel
+
+    write_unet_pipeline(tmp_path / "pipe", DDIMScheduler(clip_sample=False))
+    ref = resolve_model(f"diffusers:{tmp_path / 'pipe'}")
+    options = SamplingOptions("euler", 3, device="cpu", progress=False)
+    made = ref.samples_at(SEEDS, tmp_path / "out", options, log=lambda _: None)
+    stored = resolve_model(str(made.files[0]))
+    assert stored.kind == "samples" and (stored.stored.images == made.images).all()
+    kernel = stored.kernel()
+    assert isinstance(kernel, DiffusersKernel) and kernel.config() == ref.kernel().config()
+    assert torch.equal(kernel.sigmas(3), get_kernel("diffusers", **ref.kernel_spec["kwargs"]).sigmas(3))
+    assert ref.info["ignored"] == [] and ref.sha256 == resolve_model(f"diffusers:{tmp_path / 'pipe'}").sha256
+
+
+@pytest.mark.parametrize("suffix, message", [
+    ("?steps=4", "'diffusers:{p}?steps=4': the only option is ?prompt=TEXT, got ?'steps=4'."),
+    ("?prompt=a horse", "diffusers:{p}?prompt=a horse: its UNet2DModel takes no text, so ?prompt= does not apply."),
+    ("@main", "diffusers:{p}@main: a revision applies to Hub ids, not to folders."),
+])
+def test_bad_pipeline_specs_are_one_sentence(tmp_path, suffix, message):
+    from diffusers import DDIMScheduler
+
+    p = write_unet_pipeline(tmp_path / "pipe", DDIMScheduler())
+    with pytest.raises(ValueError) as err:
+        resolve_model(f"diffusers:{p}{suffix}")
+    assert str(err.value) == message.format(p=p)
+
+
+def test_sigma_schedule_options_of_the_scheduler_are_refused():
+    from lightning_repro.published.diffusers import DiffusersKernel
+
+    with pytest.raises(ValueError) as err:
+        DiffusersKernel({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True})
+    assert str(err.value) == (
+        "the scheduler config sets use_karras_sigmas; the suite's grid follows the scheduler's timestep spacing only, "
+        "so drop that option and choose the sigma grid with --grid (e.g. --grid karras)."
+    )
