@@ -184,3 +184,19 @@ def test_sigma_schedule_options_of_the_scheduler_are_refused():
         "the scheduler config sets use_karras_sigmas; the suite's grid follows the scheduler's timestep spacing only, "
         "so drop that option and choose the sigma grid with --grid (e.g. --grid karras)."
     )
+
+
+def test_one_step_consistency_pipeline_is_one_euler_step(tmp_path):
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
+
+    write_unet_pipeline(tmp_path / "cm", CMStochasticIterativeScheduler())
+    pipe = ConsistencyModelPipeline(UNet2DModel.from_pretrained(tmp_path / "cm" / "unet"),
+                                    CMStochasticIterativeScheduler())
+    ref = resolve_model(f"diffusers:{tmp_path / 'cm'}")
+    assert ref.kernel_spec["name"] == "edm" and ref.kernel().sigmas(1).tolist() == [80.0, 0.0]
+    z = seed_noise(SEEDS, (3, 8, 8))
+    with torch.no_grad():
+        want = pipe(batch_size=2, num_inference_steps=1, latents=z, output_type="pt").images * 2 - 1
+    got = _suite(ref, 1)
+    assert want.shape == got.shape and want.std() > 0.05
+    assert (got - want).abs().max().item() <= 1e-4

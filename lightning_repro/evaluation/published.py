@@ -2,7 +2,8 @@
 
 ``diffusers:LOCAL_DIR_OR_HUB_ID[@revision][#subfolder][?prompt=TEXT]``: a diffusers UNet pipeline folder sampled
 in the EDM variable of its scheduler's schedule (``published.diffusers``); text-to-image pipelines sample latents
-for one prompt (label 0; the empty prompt is the null class -1 of ``--guidance``) and decode them with the VAE.
+for one prompt (label 0; the empty prompt is the null class -1 of ``--guidance``) and decode them with the VAE;
+consistency-model pipelines sample in one step (``--sampler euler --steps 1``).
 """
 
 from __future__ import annotations
@@ -47,21 +48,20 @@ class DiffusersReference(Reference):
         ident = {"files": folder.digest(), "subfolder": parsed.subfolder, "prompt": parsed.prompt}
         sha = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()
         label = parsed.location.rstrip("/").split("/")[-1] + (f"#{parsed.subfolder}" if parsed.subfolder else "")
-        info = {"kind": cls.kind, "arch": folder.unet.get("_class_name"), "kernel": "diffusers",
+        info = {"kind": cls.kind, "arch": folder.unet.get("_class_name"), "kernel": folder.kernel_spec()["name"],
                 "location": parsed.location, "revision": parsed.revision, "path": str(folder.path),
                 "scheduler": folder.scheduler.get("_class_name"), "prompt": parsed.prompt,
                 "files_sha256": ident["files"], "sha256": sha,
                 "ignored": [k for k in ("clip_sample", "thresholding") if folder.scheduler.get(k)]}  # fmt: skip
-        scheduler = {k: v for k, v in folder.scheduler.items() if k == "_class_name" or not k.startswith("_")}
         return cls(
             text=text,
             label=label,
             name=f"diffusers-{safe_name(label)}-{sha[:10]}",
             sha256=sha,
             image_shape=folder.image_shape,
-            num_classes=1 if folder.text else 0,
+            num_classes=folder.num_classes,
             info=info,
-            kernel_spec={"name": "diffusers", "kwargs": {"scheduler": scheduler}},
+            kernel_spec=folder.kernel_spec(),
             latent_shape=folder.sample_shape if folder.latent else None,
             _folder=folder,
         )

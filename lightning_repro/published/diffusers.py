@@ -6,7 +6,8 @@ native grid is the scheduler's own ``set_timesteps`` spacing (then DDIM's final 
 sampler on it is DDIM (eta = 0) and its DPM-Solver++ is the scheduler's.  ``UNetDenoiser`` turns the network's
 epsilon / v / x0 output into ``x0_hat``; a text-to-image UNet (Stable Diffusion) is conditioned on the prompt's CLIP
 embedding (label 0) or the empty prompt's (label -1, the null class of classifier-free guidance) and works in the
-VAE's latent space; ``LatentDecoder`` maps final latents to images.  Weights load through diffusers' / transformers'
+VAE's latent space; ``LatentDecoder`` maps final latents to images.  A consistency-model pipeline
+(CMStochasticIterativeScheduler) is ``ConsistencyDenoiser`` on the EDM kernel: its one-step sample is Euler, 1 step.  Weights load through diffusers' / transformers'
 ``from_pretrained`` (safetensors, or ``torch.load(weights_only=True)``), never running code from a file.
 """
 
@@ -29,6 +30,7 @@ from ..precond import as_sigma_batch
 __all__ = [
     "DiffusersKernel",
     "UNetDenoiser",
+    "ConsistencyDenoiser",
     "LatentDecoder",
     "PipelineSpec",
     "PipelineFolder",
@@ -43,6 +45,7 @@ __all__ = [
 
 DDIM_FAMILY = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")  # sampled on DDIM's timestep spacing
 _DPM = "DPMSolverMultistepScheduler"
+CONSISTENCY = "CMStochasticIterativeScheduler"  # one-step consistency models (EDM kernel, ``--steps 1``)
 _UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
 COMPONENTS = ("scheduler", "unet", "vae", "text_encoder", "tokenizer")  # the pipeline folders read
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -140,7 +143,10 @@ class UNetDenoiser(nn.Module):
         shape = (-1, *([1] * (x.ndim - 1)))
         s2 = (1.0 + sigma**2).reshape(shape)
         x_vp = x * s2.rsqrt().to(x.dtype)
-        kw = {} if self.context is None else {"encoder_hidden_states": self._encoder_states(labels, x.shape[0])}
+        if self.context is not None:
+            kw = {"encoder_hidden_states": self._encoder_states(labels, x.shape[0])}
+        else:  # a class-conditional UNet2DModel takes its labels
+            kw = {"class_labels": labels} if getattr(self.unet.config, "num_class_embeds", None) and labels is not None else {}
         out = self.unet(x_vp, _timesteps(self.kernel, sigma).to(x.dtype), **kw).sample[:, : x.shape[1]].to(x.dtype)
         sig = sigma.reshape(shape)
         if self.prediction_type == "epsilon":  # x0 = (x_vp - sqrt(1 - abar) eps) / sqrt(abar) = x - sigma eps
@@ -148,6 +154,27 @@ class UNetDenoiser(nn.Module):
         if self.prediction_type == "v_prediction":  # x0 = sqrt(abar) x_vp - sqrt(1 - abar) v
             return x / s2.to(x.dtype) - (sig * s2.rsqrt()).to(x.dtype) * out
         return out
+
+
+class ConsistencyDenoiser(nn.Module):
+    """A consistency model's UNet (Song et al. 2023, App. C; diffusers' CMStochasticIterativeScheduler) as
+    ``D = c_skip x + c_out F(c_in x, 250 ln sigma)``; its one-step sample is the suite's Euler on ``[sigma_max, 0]``."""
+
+    def __init__(self, unet: nn.Module, sigma_min: float, sigma_data: float, num_classes: int = 0):
+        super().__init__()
+        self.unet, self.sigma_min, self.sigma_data = unet.eval().requires_grad_(False), sigma_min, sigma_data
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        sigma = as_sigma_batch(sigma, x).to(torch.float64)
+        sd2, shape = self.sigma_data**2, (-1, *([1] * (x.ndim - 1)))
+        c_in = (sigma**2 + sd2).rsqrt()
+        c_skip = sd2 / ((sigma - self.sigma_min) ** 2 + sd2)
+        c_out = (sigma - self.sigma_min) * self.sigma_data * c_in
+        c_noise = 250.0 * torch.log(sigma + 1e-44)
+        kw = {"class_labels": labels} if self.num_classes and labels is not None else {}
+        out = self.unet(x * c_in.reshape(shape).to(x.dtype), c_noise.to(x.dtype), **kw).sample.to(x.dtype)
+        return c_skip.reshape(shape).to(x.dtype) * x + c_out.reshape(shape).to(x.dtype) * out
 
 
 class LatentDecoder(nn.Module):
@@ -249,6 +276,24 @@ class PipelineFolder:
     text: bool  # text_encoder + tokenizer (UNet2DConditionModel)
 
     @property
+    def consistency(self) -> bool:
+        return self.scheduler.get("_class_name") == CONSISTENCY
+
+    @property
+    def num_classes(self) -> int:
+        """1 for a text pipeline (its prompt), the UNet's class embeddings otherwise (0: unconditional)."""
+        return 1 if self.text else int(self.unet.get("num_class_embeds") or 0)
+
+    def kernel_spec(self) -> dict[str, Any]:
+        """``{"name", "kwargs"}`` of its kernel: ``edm`` for a consistency model, else ``diffusers``."""
+        if self.consistency:
+            keys = ("sigma_min", "sigma_max", "rho", "sigma_data")
+            defaults = (0.002, 80.0, 7.0, 0.5)
+            return {"name": "edm", "kwargs": {k: float(self.scheduler.get(k, d)) for k, d in zip(keys, defaults)}}
+        sched = {k: v for k, v in self.scheduler.items() if k == "_class_name" or not k.startswith("_")}
+        return {"name": "diffusers", "kwargs": {"scheduler": sched}}
+
+    @property
     def latent(self) -> bool:
         return self.vae is not None
 
@@ -311,12 +356,14 @@ def _encode(folder: PipelineFolder, prompt: str, device: torch.device) -> tuple[
     return out[0], out[1]
 
 
-def load_denoiser(folder: PipelineFolder, kernel: VPKernel, prompt: str | None, device: torch.device) -> UNetDenoiser:
+def load_denoiser(folder: PipelineFolder, kernel, prompt: str | None, device: torch.device) -> nn.Module:
     """The folder's UNet as a Denoiser (text pipelines: conditioned on ``prompt`` / the empty prompt)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     cls = UNet2DConditionModel if folder.text else UNet2DModel
     unet = cls.from_pretrained(folder.path / "unet", low_cpu_mem_usage=False).to(device)
+    if folder.consistency:
+        return ConsistencyDenoiser(unet, kernel.sigma_min, kernel.sigma_data, folder.num_classes)
     context = _encode(folder, prompt or "", device) if folder.text else None
     return UNetDenoiser(unet, kernel, folder.scheduler.get("prediction_type", "epsilon"), context)
 
