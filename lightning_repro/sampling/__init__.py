@@ -6,7 +6,9 @@ sub-VP: ``z`` in their own variable, i.e. ``z / s(T)``; Song et al. 2021, Karras
 deterministic solver of the probability-flow ODE on a sigma grid.  Every model compared in a study is
 sampled this way from the same seeds, so outputs are compared seed by seed.  (Design decision since
 DESIGN.md's first version: the start is always ``x_T = kernel.prior_scale * z`` in the EDM variable, so one
-sampler serves every kernel, network and closed-form denoiser.)
+sampler serves every kernel, network and closed-form denoiser.  Precisely it is ``kernel.start_scale(sigmas) * z``,
+which is ``prior_scale`` for every built-in kernel; a diffusers schedule whose first timestep depends on the step
+count starts, as its pipelines do, from ``z`` in the VP variable at that timestep.)
 
 ``precision="bf16"`` runs every network evaluation under ``torch.autocast(bfloat16)`` (``AutocastDenoiser``)
 while the solver's state and arithmetic stay in ``dtype`` (float32): the speed of bf16 tensor cores with
