@@ -200,3 +200,21 @@ def test_one_step_consistency_pipeline_is_one_euler_step(tmp_path):
     got = _suite(ref, 1)
     assert want.shape == got.shape and want.std() > 0.05
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_dit_pipeline_with_guidance_equals_dit_pipeline(tmp_path, monkeypatch):
+    from diffusers import DDIMScheduler
+    from diffusers.pipelines.dit import pipeline_dit
+
+    from lightning_repro.published.tiny_pipelines import write_dit_pipeline
+
+    pipe = write_dit_pipeline(tmp_path / "dit", DDIMScheduler(clip_sample=False))
+    ref = resolve_model(f"diffusers:{tmp_path / 'dit'}")
+    assert ref.num_classes == 1000 and ref.sample_shape == (4, 4, 4) and ref.image_shape == (3, 8, 8)
+    z = seed_noise(SEEDS, (4, 4, 4))
+    monkeypatch.setattr(pipeline_dit, "randn_tensor", lambda shape, **kw: z.clone())  # the pipeline's latents = z
+    with torch.no_grad():
+        want = pipe(class_labels=[3, 7], guidance_scale=4.0, num_inference_steps=5, output_type="pt").images * 2 - 1
+    got = _suite(ref, 5, labels=[3, 7], guidance=4.0)
+    assert want.shape == got.shape and want.std() > 0.05
+    assert (got - want).abs().max().item() <= 1e-4

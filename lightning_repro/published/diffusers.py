@@ -7,7 +7,8 @@ sampler on it is DDIM (eta = 0) and its DPM-Solver++ is the scheduler's.  ``UNet
 epsilon / v / x0 output into ``x0_hat``; a text-to-image UNet (Stable Diffusion) is conditioned on the prompt's CLIP
 embedding (label 0) or the empty prompt's (label -1, the null class of classifier-free guidance) and works in the
 VAE's latent space; ``LatentDecoder`` maps final latents to images.  A consistency-model pipeline
-(CMStochasticIterativeScheduler) is ``ConsistencyDenoiser`` on the EDM kernel: its one-step sample is Euler, 1 step.  Weights load through diffusers' / transformers'
+(CMStochasticIterativeScheduler) is ``ConsistencyDenoiser`` on the EDM kernel: its one-step sample is Euler, 1 step.
+A DiT pipeline (transformer/ + vae/) is a class-conditional latent ``UNetDenoiser`` whose label -1 maps to its null class.  Weights load through diffusers' / transformers'
 ``from_pretrained`` (safetensors, or ``torch.load(weights_only=True)``), never running code from a file.
 """
 
@@ -47,8 +48,9 @@ DDIM_FAMILY = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")  # sampled on 
 _DPM = "DPMSolverMultistepScheduler"
 CONSISTENCY = "CMStochasticIterativeScheduler"  # one-step consistency models (EDM kernel, ``--steps 1``)
 _UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
-COMPONENTS = ("scheduler", "unet", "vae", "text_encoder", "tokenizer")  # the pipeline folders read
+COMPONENTS = ("scheduler", "unet", "transformer", "vae", "text_encoder", "tokenizer")  # the pipeline folders read
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
+_TRANSFORMERS = ("DiTTransformer2DModel", "Transformer2DModel")  # DiT pipelines (class-conditional, latent)
 
 
 def _scheduler(config: dict[str, Any]):
@@ -121,11 +123,14 @@ def _timesteps(kernel: VPKernel, sigma: Tensor) -> Tensor:
 class UNetDenoiser(nn.Module):
     """A diffusers UNet as ``D(x, sigma, labels) -> x0_hat`` in the EDM variable (``x_vp = x / sqrt(1 + sigma^2)``).
 
-    ``context``: (cond, null) text embeddings of a UNet2DConditionModel (label 0 / -1; None labels: cond).
+    ``context``: (cond, null) text embeddings of a UNet2DConditionModel (label 0 / -1; None labels: cond);
+    ``null_label``: the class index a DiT transformer's label -1 (null class) maps to (its ``num_embeds_ada_norm``).
     """
 
-    def __init__(self, unet: nn.Module, kernel: VPKernel, prediction_type: str, context: tuple[Tensor, Tensor] | None):
+    def __init__(self, unet: nn.Module, kernel: VPKernel, prediction_type: str,
+                 context: tuple[Tensor, Tensor] | None = None, null_label: int | None = None):  # fmt: skip
         super().__init__()
+        self.null_label = null_label
         if prediction_type not in _PREDICTIONS:
             raise ValueError(f"prediction_type {prediction_type!r} is not one of {', '.join(_PREDICTIONS)}.")
         self.unet, self.kernel, self.prediction_type = unet.eval().requires_grad_(False), kernel, prediction_type
@@ -145,6 +150,8 @@ class UNetDenoiser(nn.Module):
         x_vp = x * s2.rsqrt().to(x.dtype)
         if self.context is not None:
             kw = {"encoder_hidden_states": self._encoder_states(labels, x.shape[0])}
+        elif self.null_label is not None and labels is not None:  # DiT: label -1 is its null class embedding
+            kw = {"class_labels": torch.where(labels < 0, self.null_label, labels)}
         else:  # a class-conditional UNet2DModel takes its labels
             kw = {"class_labels": labels} if getattr(self.unet.config, "num_class_embeds", None) and labels is not None else {}
         out = self.unet(x_vp, _timesteps(self.kernel, sigma).to(x.dtype), **kw).sample[:, : x.shape[1]].to(x.dtype)
@@ -274,6 +281,7 @@ class PipelineFolder:
     scheduler: dict[str, Any]
     vae: dict[str, Any] | None  # latent models
     text: bool  # text_encoder + tokenizer (UNet2DConditionModel)
+    net: str = "unet"  # the folder of the denoising network (``unet`` holds its config): unet | transformer
 
     @property
     def consistency(self) -> bool:
@@ -282,6 +290,8 @@ class PipelineFolder:
     @property
     def num_classes(self) -> int:
         """1 for a text pipeline (its prompt), the UNet's class embeddings otherwise (0: unconditional)."""
+        if self.net == "transformer":
+            return int(self.unet.get("num_embeds_ada_norm") or 0)
         return 1 if self.text else int(self.unet.get("num_class_embeds") or 0)
 
     def kernel_spec(self) -> dict[str, Any]:
@@ -324,7 +334,10 @@ class PipelineFolder:
 
 
 def read_folder(path: Path, what: str) -> PipelineFolder:
-    """Check ``path`` is a UNet pipeline folder (unet/, scheduler/; vae/, text_encoder/, tokenizer/ when latent)."""
+    """Check ``path`` is a pipeline folder (unet/, scheduler/; vae/, text_encoder/, tokenizer/ for a text UNet;
+    transformer/, vae/ for DiT)."""
+    if (path / "transformer" / "config.json").is_file() and not (path / "unet").is_dir():
+        return _read_dit(path, what)
     if not (path / "unet" / "config.json").is_file():
         raise ValueError(f"{what}: {path} holds no unet/config.json; expected a diffusers pipeline folder (unet/, scheduler/).")
     unet = _json(path / "unet" / "config.json")
@@ -338,6 +351,17 @@ def read_folder(path: Path, what: str) -> PipelineFolder:
     if missing:
         raise ValueError(f"{what}: a UNet2DConditionModel pipeline needs vae/, text_encoder/ and tokenizer/; {path} lacks {missing[0]}/.")
     return PipelineFolder(path, unet, scheduler, _json(path / "vae" / "config.json"), True)
+
+
+def _read_dit(path: Path, what: str) -> PipelineFolder:
+    net = _json(path / "transformer" / "config.json")
+    if net.get("_class_name") not in _TRANSFORMERS or not net.get("num_embeds_ada_norm"):
+        raise ValueError(f"{what}: its transformer is a {net.get('_class_name')}; supported is a class-conditional DiT "
+                         f"({' or '.join(_TRANSFORMERS)} with num_embeds_ada_norm).")
+    if not (path / "vae").is_dir():
+        raise ValueError(f"{what}: a DiT pipeline needs vae/; {path} lacks it.")
+    scheduler = _json(path / "scheduler" / "scheduler_config.json")
+    return PipelineFolder(path, net, scheduler, _json(path / "vae" / "config.json"), False, "transformer")
 
 
 def _encode(folder: PipelineFolder, prompt: str, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -358,14 +382,18 @@ def _encode(folder: PipelineFolder, prompt: str, device: torch.device) -> tuple[
 
 def load_denoiser(folder: PipelineFolder, kernel, prompt: str | None, device: torch.device) -> nn.Module:
     """The folder's UNet as a Denoiser (text pipelines: conditioned on ``prompt`` / the empty prompt)."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    import diffusers
 
-    cls = UNet2DConditionModel if folder.text else UNet2DModel
-    unet = cls.from_pretrained(folder.path / "unet", low_cpu_mem_usage=False).to(device)
+    if folder.net == "transformer":  # one of _TRANSFORMERS (read_folder checked it): never a name a file chooses
+        cls = {n: getattr(diffusers, n) for n in _TRANSFORMERS}[folder.unet["_class_name"]]
+    else:
+        cls = diffusers.UNet2DConditionModel if folder.text else diffusers.UNet2DModel
+    unet = cls.from_pretrained(folder.path / folder.net, low_cpu_mem_usage=False).to(device)
     if folder.consistency:
         return ConsistencyDenoiser(unet, kernel.sigma_min, kernel.sigma_data, folder.num_classes)
     context = _encode(folder, prompt or "", device) if folder.text else None
-    return UNetDenoiser(unet, kernel, folder.scheduler.get("prediction_type", "epsilon"), context)
+    null = folder.num_classes if folder.net == "transformer" else None
+    return UNetDenoiser(unet, kernel, folder.scheduler.get("prediction_type", "epsilon"), context, null)
 
 
 def load_decoder(folder: PipelineFolder, device: torch.device) -> LatentDecoder:
