@@ -29,7 +29,8 @@ __all__ = ["DiffusersReference"]
 @register_reference("diffusers")
 @dataclass
 class DiffusersReference(Reference):
-    """A diffusers pipeline (UNet2DModel, or UNet2DConditionModel + AutoencoderKL + CLIP for Stable Diffusion v1)."""
+    """A diffusers pipeline: UNet2DModel (DDPM / DDIM / DPM-Solver or one-step consistency), UNet2DConditionModel +
+    AutoencoderKL + CLIP (Stable Diffusion v1), or a class-conditional DiT transformer + AutoencoderKL."""
 
     latent_shape: tuple[int, ...] | None = None  # latent models: the shape the sampler works in
     _folder: Any = None  # published.diffusers.PipelineFolder
@@ -44,7 +45,7 @@ class DiffusersReference(Reference):
                 f"'diffusers:{parsed.location}?prompt=a photograph of an astronaut riding a horse'."
             )
         if not folder.text and parsed.prompt is not None:
-            raise ValueError(f"{text}: its UNet2DModel takes no text, so ?prompt= does not apply.")
+            raise ValueError(f"{text}: its {folder.unet.get('_class_name')} takes no text, so ?prompt= does not apply.")
         ident = {"files": folder.digest(), "subfolder": parsed.subfolder, "prompt": parsed.prompt}
         sha = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()
         label = parsed.location.rstrip("/").split("/")[-1] + (f"#{parsed.subfolder}" if parsed.subfolder else "")
