@@ -364,6 +364,7 @@ def get_kernel(name: str | Kernel, **kwargs) -> Kernel:
     if key in ("vpdiscrete", "ddpm"):
         return VPKernel(discrete=True, **kwargs)
     if key not in KERNELS:
-        valid = ", ".join([*KERNELS, "vp_discrete"])
+        builtin = ("vp", "subvp", "ve", "edm")  # then vp_discrete, then kernels registered by other modules
+        valid = ", ".join([*builtin, "vp_discrete", *(k for k in KERNELS if k not in builtin)])
         raise ValueError(f"Unknown kernel {name!r}; valid kernels are: {valid}.")
     return KERNELS[key](**kwargs)
