@@ -101,6 +101,11 @@ class Kernel:
         """Std of ``x_T`` in the EDM variable: ``x_T = prior_scale * z`` for the shared noise ``z``."""
         return self.sigma_max
 
+    def start_scale(self, sigmas: Tensor) -> float:
+        """Std of ``x_T`` for a grid starting at ``sigmas[0]``: ``prior_scale`` (a discrete schedule whose first
+        timestep depends on the step count overrides it, e.g. ``published.diffusers.DiffusersKernel``)."""
+        return self.prior_scale
+
     # -- sampling grid ---------------------------------------------------------------------
     def sigmas(self, steps: int) -> Tensor:
         """Native grid: ``steps`` descending noise levels from ``sigma_max`` to ``sigma_min``, then 0."""
@@ -359,6 +364,7 @@ def get_kernel(name: str | Kernel, **kwargs) -> Kernel:
     if key in ("vpdiscrete", "ddpm"):
         return VPKernel(discrete=True, **kwargs)
     if key not in KERNELS:
-        valid = ", ".join([*KERNELS, "vp_discrete"])
+        builtin = ("vp", "subvp", "ve", "edm")  # then vp_discrete, then kernels registered by other modules
+        valid = ", ".join([*builtin, "vp_discrete", *(k for k in KERNELS if k not in builtin)])
         raise ValueError(f"Unknown kernel {name!r}; valid kernels are: {valid}.")
     return KERNELS[key](**kwargs)

@@ -7,6 +7,7 @@ place they are computed), ``distributed`` (torchrun), ``report`` (heatmaps, W&B)
 from . import published  # noqa: F401  (registers the edm:, uvit:, dit: references)
 from .cli import DEFAULT_SEEDS, main, run_matrix, run_pair, run_sample
 from .distributed import init_distributed
+from .published import DiffusersReference
 from .references import (
     REFERENCES,
     CheckpointReference,
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointReference",
     "OptimalReference",
     "SamplesReference",
+    "DiffusersReference",
     "REFERENCES",
     "register_reference",
     "resolve_model",

@@ -153,6 +153,15 @@ class Reference:
         """The samples this reference holds (None: it is a model that samples new seeds)."""
         return None
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape the sampler works in: ``image_shape``, or a latent model's latent shape."""
+        return self.image_shape
+
+    def decoder(self, device: torch.device) -> Callable[[Tensor, float], Tensor] | None:
+        """``decode(x, sigma_end)``: final sampler states -> images in [-1, 1] (latent models); None: identity."""
+        return None
+
     def kernel(self) -> Kernel:
         if self.kernel_spec is None:
             raise ValueError(f"{self.text} records no noise kernel.")

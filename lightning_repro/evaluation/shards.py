@@ -355,6 +355,7 @@ def _sample_shards(
 
     device = options.torch_device()
     den = ref.denoiser(device)
+    decode = ref.decoder(device)
     kernel = ref.kernel()
     config = options.solver(prov["precision"])
     sigmas = get_sigmas(options.grid, options.steps, kernel)
@@ -373,11 +374,12 @@ def _sample_shards(
                 den,
                 kernel,
                 shard.seeds,
-                ref.image_shape,
+                ref.sample_shape,
                 config,
                 labels=labels,
                 device=device,
                 callback=bar.update,
+                decode=decode,
             )
             arrays = shard.arrays(float_to_uint8(x))
             _write_shard(shard.path, arrays, sigmas, prov)

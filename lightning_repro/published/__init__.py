@@ -1,7 +1,8 @@
 """Published checkpoints read as data and mapped onto the suite's networks (model layer; no evaluation imports).
 
 ``edm_pickle`` (NVlabs/edm ``.pkl``: a restricted unpickler, ``torch_utils.persistence`` records as data),
-``state_dicts`` (baofff/U-ViT ``.pth``, facebookresearch/DiT ``.pt``), ``network`` (``PublishedNet``: the suite
+``state_dicts`` (baofff/U-ViT ``.pth``, facebookresearch/DiT ``.pt``), ``diffusers`` (pipeline folders and hub ids;
+imported on its own, as it loads diffusers lazily), ``network`` (``PublishedNet``: the suite
 network + preconditioning + kernel, its ``Denoiser`` and converted checkpoints).  ``python -m
 lightning_repro.published convert IN OUT.ckpt`` writes a converted checkpoint.
 """

@@ -6,7 +6,9 @@ sub-VP: ``z`` in their own variable, i.e. ``z / s(T)``; Song et al. 2021, Karras
 deterministic solver of the probability-flow ODE on a sigma grid.  Every model compared in a study is
 sampled this way from the same seeds, so outputs are compared seed by seed.  (Design decision since
 DESIGN.md's first version: the start is always ``x_T = kernel.prior_scale * z`` in the EDM variable, so one
-sampler serves every kernel, network and closed-form denoiser.)
+sampler serves every kernel, network and closed-form denoiser.  Precisely it is ``kernel.start_scale(sigmas) * z``,
+which is ``prior_scale`` for every built-in kernel; a diffusers schedule whose first timestep depends on the step
+count starts, as its pipelines do, from ``z`` in the VP variable at that timestep.)
 
 ``precision="bf16"`` runs every network evaluation under ``torch.autocast(bfloat16)`` (``AutocastDenoiser``)
 while the solver's state and arithmetic stay in ``dtype`` (float32): the speed of bf16 tensor cores with
@@ -184,18 +186,20 @@ def sample(
 
 def sample_seeds(denoiser, kernel: Kernel | str, seeds: list[int], shape: Sequence[int], config: SolverConfig,
                  labels=None, device=None, progress: bool = False, stats: dict | None = None,
-                 callback=None) -> Tensor:
+                 callback=None, decode=None) -> Tensor:
     """``sample`` for already parsed ``seeds`` (a list of ints) and a ``SolverConfig``; ``callback(n)`` is
-    called after each batch of ``n`` samples."""
+    called after each batch of ``n`` samples; ``decode(x, sigma_end)`` maps each batch's final state to images
+    before the clamp (latent models: the VAE decoder; ``shape`` is then the latent shape)."""
     return _sample_batches(
         denoiser, kernel, len(seeds), lambda a, b, dev: seed_noise(seeds[a:b], shape, device=dev, dtype=config.dtype),
-        config, labels, device, progress, stats, callback)
+        config, labels, device, progress, stats, callback, decode)
 
 
 def _sample_batches(denoiser, kernel, n: int, noise_of, config: SolverConfig, labels, device, progress, stats,
-                    callback=None) -> Tensor:
-    """The loop every entry point shares: ``x_T = prior_scale * noise_of(start, end, device)`` batch by batch,
-    the deterministic solver on one sigma grid, clamped results on the CPU."""
+                    callback=None, decode=None) -> Tensor:
+    """The loop every entry point shares: ``x_T = kernel.start_scale(sigmas) * noise_of(start, end, device)``
+    (``prior_scale`` for every built-in kernel) batch by batch, the deterministic solver on one sigma grid,
+    ``decode`` if given, clamped results on the CPU."""
     kernel = get_kernel(kernel)
     solver = get_sampler(config.sampler)
     _, amp_dtype = autocast_dtype(config.precision)
@@ -221,10 +225,12 @@ def _sample_batches(denoiser, kernel, n: int, noise_of, config: SolverConfig, la
     with torch.inference_mode():
         for start in batches:
             end = min(start + batch_size, n)
-            x_T = kernel.prior_scale * noise_of(start, end, device)
+            x_T = kernel.start_scale(sigmas) * noise_of(start, end, device)
             lab = None if all_labels is None else all_labels[start:end].to(device)
             st: dict = {}
             x0 = solver(denoiser, x_T, sigmas, lab, guidance=config.guidance, stats=st, **config.opts)
+            if decode is not None:
+                x0 = decode(x0, float(sigmas[-1]))
             out.append(x0.clamp(-1, 1).to("cpu"))
             nfe, calls = max(nfe, st.get("nfe", 0)), calls + st.get("calls", 0)
             if callback is not None:

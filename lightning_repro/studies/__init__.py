@@ -29,6 +29,7 @@ STUDY_MODULES = (
     "conditional",         # Fig. 8 / App. D: per-class RP of conditional models, unconditional vs conditional
     "inverse",             # Fig. 10 / App. F: inpainting with deterministic DPS, RP between models
     "finetune",            # Fig. 11 / App. G: attention-only fine-tuning vs training from scratch
+    "sd_versions",         # Fig. 20 / App. E: Stable Diffusion v1-1 ... v1-4 reproduce each other (same prompt, seeds)
 )
 
 
