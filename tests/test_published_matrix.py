@@ -50,3 +50,22 @@ def test_matrix_over_suite_edm_diffusers_and_optimal(tmp_path, monkeypatch, one_
     assert not marker.exists()
     kinds = [m.get("kind") for m in res["models"]]
     assert kinds == ["checkpoint", "edm", "diffusers", "optimal"]
+
+
+def test_fig6_released_config_names_registered_kinds_and_valid_sampling_flags():
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from lightning_repro.evaluation.cli import _sample_parser
+    from lightning_repro.evaluation.references import REFERENCES, _kind_of
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/published/fig6_released.yaml").read_text())
+    assert set(cfg) == {"seeds", "descriptor", "threshold", "models"}
+    for name, m in cfg["models"].items():
+        cls, _ = _kind_of(m["spec"])
+        assert cls is REFERENCES[m["spec"].split(":", 1)[0]], name
+        args = _sample_parser().parse_args([m["spec"], *shlex.split(m["sample"]), "--seeds", cfg["seeds"],
+                                            "--out", "samples"])
+        assert args.steps >= 1 and args.sampler in ("heun", "euler", "dpmpp"), name
