@@ -13,7 +13,7 @@ from torch import nn
 
 from .diffusion_module import DiffusionModule
 
-__all__ = ["DDPM", "DDPMpp", "EDM", "UViT", "DiT", "ARCHS"]
+__all__ = ["DDPM", "DDPMpp", "EDM", "UViT", "DiT", "ARCHS", "RENAMED"]
 
 
 def _unet_kwargs(model_channels, channel_mult, num_blocks, attn_resolutions, dropout) -> dict[str, Any]:
@@ -122,3 +122,5 @@ class DiT(DiffusionModule):
 
 #: name -> preset; ``edm`` is the deprecated alias of ``ddpmpp`` (old configs and checkpoints name it)
 ARCHS: dict[str, type[DiffusionModule]] = {"ddpm": DDPM, "ddpmpp": DDPMpp, "edm": EDM, "uvit": UViT, "dit": DiT}
+#: old preset name -> its new name (the old one keeps working, with a FutureWarning)
+RENAMED: dict[str, str] = {"EDM": "DDPMpp"}
