@@ -151,3 +151,62 @@ def test_truncated_or_missing_checkpoint_is_one_sentence(trained, tmp_path):
         load_denoiser(bad)
     with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope.ckpt does not exist"):
         load_denoiser(tmp_path / "nope.ckpt")
+
+
+# -- the loss, the presets' names, the public namespace ---------------------------------------------------------
+def test_denoising_loss_is_its_draws_then_the_weighted_error(batch):
+    """``DenoisingLoss`` = draw (sigma, noise, label dropout) from the step generator, then lambda(sigma) ||D - x0||^2."""
+    x0, labels = batch
+    m = tiny("edm", "vp", num_classes=10, label_dropout=0.5)
+    with torch.no_grad():
+        loss = m.loss(m.denoise, x0, labels, torch.Generator().manual_seed(3))
+        sigma, noise, lab = m.draw_noise(x0, labels, torch.Generator().manual_seed(3))
+        assert torch.equal(loss, m.loss_fn(x0, lab, sigma, noise))
+        g = torch.Generator().manual_seed(3)  # the draw order: sigma, noise, then the dropout coin of each label
+        assert torch.equal(sigma, m.kernel.sample_sigma(8, generator=g))
+        assert torch.equal(noise, torch.randn(x0.shape, generator=g))
+        assert torch.equal(lab == -1, torch.rand(8, generator=g) < 0.5) and bool((lab == -1).any())
+        D = m.model(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, lab)
+        w = m.kernel.loss_weight(sigma.double()).float().view(-1, 1, 1, 1)
+        assert torch.allclose(loss, (w * (D - x0) ** 2).mean(), rtol=1e-6)
+
+
+def test_ddpmpp_is_the_network_the_old_name_edm_builds(recwarn):
+    """``EDM`` is the deprecated name of ``DDPMpp``: the same network and weights, its own arch / class path, one
+    FutureWarning per process; checkpoints of either name fit the other (init_from, --ckpt_path)."""
+    from lightning_repro import presets
+    from lightning_repro.module import DDPMpp, preset_class
+
+    presets._warned.clear()
+    torch.manual_seed(0)
+    new = DDPMpp(**TINY["edm"][1])
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+    torch.manual_seed(0)
+    old = EDM(**TINY["edm"][1])
+    EDM(**TINY["edm"][1])
+    warned = [w for w in recwarn if issubclass(w.category, FutureWarning)]
+    assert len(warned) == 1 and "now called DDPMpp" in str(warned[0].message)
+    assert isinstance(old, DDPMpp) and old.state_dict().keys() == new.state_dict().keys()
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())
+    assert (new.arch, new.class_path(), old.arch, old.class_path()) == (
+        "ddpmpp", "lightning_repro.module.DDPMpp", "edm", "lightning_repro.module.EDM")
+    meta = {"kernel": "edm", "precond": "edm", "hparams": dict(new.hparams)}
+    new.check_compatible({**meta, "arch": "edm", "class_path": "lightning_repro.module.EDM"}, "old.ckpt")
+    old.check_compatible({**meta, "arch": "ddpmpp", "class_path": "lightning_repro.module.DDPMpp"}, "new.ckpt")
+    with pytest.raises(ValueError, match=r"holds a 'dit' model .* but this model is 'ddpmpp'"):
+        new.check_compatible({**meta, "arch": "dit", "class_path": "lightning_repro.module.DiT"}, "dit.ckpt")
+    assert preset_class("lightning_repro.module.EDM") is EDM and preset_class("lightning_repro.module.DDPMpp") is DDPMpp
+    assert preset_class("lightning_repro.presets.DDPMpp") is DDPMpp  # the defining file's path works too
+
+
+def test_module_reexports_the_public_names_and_nets_keep_their_old_names():
+    import lightning_repro.module as module
+    from lightning_repro import checkpoints, diffusion_module, losses, presets
+    from lightning_repro.nets import dit, uvit
+
+    for name in module.__all__:
+        homes = [m for m in (checkpoints, diffusion_module, losses, presets) if hasattr(m, name)]
+        assert homes and getattr(module, name) is getattr(homes[0], name), name
+    assert (module.DDPM, module.EDM, module.UViT, module.DiT) == (DDPM, EDM, UViT, DiT)
+    assert dit.DiT is dit.DiTNet and uvit.UViT is uvit.UViTNet and DiT is not dit.DiTNet
+    assert set(module.ARCHS) == {"ddpm", "ddpmpp", "edm", "uvit", "dit"} and module.ARCHS["edm"] is EDM
