@@ -32,7 +32,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from . import teachers  # noqa: F401  (registers the ``generated`` data source: --data.source generated)
 from .checkpoints import load_checkpoint
 from .data import SubsetDataModule
 from .diffusion_module import DiffusionModule

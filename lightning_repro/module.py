@@ -4,10 +4,8 @@ One import place for users, configs (``class_path: lightning_repro.module.DDPMpp
 names presets by these paths.  The parts live in their own files: ``diffusion_module`` (the LightningModule: EMA,
 optimiser, validation grids), ``losses`` (``DenoisingLoss``), ``finetune`` (``init_from`` / ``trainable``),
 ``presets`` (``DDPM``, ``DDPMpp`` — ``EDM`` is its deprecated old name — ``UViT``, ``DiT``) and ``checkpoints``.
-Importing this module also registers the ``generated`` data source (``teachers``).
 """
 
-from . import teachers  # noqa: F401  (registers the ``generated`` data source)
 from .checkpoints import (
            CKPT_KEY,
            file_sha256,

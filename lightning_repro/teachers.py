@@ -3,8 +3,9 @@ recovery, Zhang et al. 2024, Sec. 3.2.1, Case 2: a student trained on a teacher'
 
 The data layer defines the source registry and the cache file (``data.sources.generated_cache_file``,
 ``read_generated``, ``write_generated``); sampling the teacher needs the model layer, so it lives here and this
-module registers the source (``data.register_source``) when imported — ``lightning_repro.module`` imports it, so the
-CLI, its DDP children, the studies and the evaluation, which all import it, can name ``generated``.
+module registers the source (``data.register_source``) when imported.  The data layer imports it when the name
+``generated`` is first used (``data.sources.DEFERRED_SOURCES``), so every entry point (``train.py`` and its DDP
+children, the studies, the evaluation, library code) can name the source without importing anything first.
 """
 
 from __future__ import annotations

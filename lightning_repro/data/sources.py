@@ -13,7 +13,7 @@ Sources (DESIGN.md, "Data flow"):
 * ``generated`` a teacher checkpoint's own deterministic samples (the paper's model recovery, Sec. 3.2.1,
                Case 2), cached in a ``.npz`` whose format is defined here (``generated_cache_file``,
                ``read_generated``, ``write_generated``); the sampling, which needs the model layer, is
-               ``lightning_repro.teachers``, which registers the source.
+               ``lightning_repro.teachers``, which registers the source when first named (``DEFERRED_SOURCES``).
 
 Each name is a ``SourceKind`` in ``SOURCES``: ``load`` reads the images, ``info`` gives their shape, classes
 and count without reading images or downloading (so every DDP rank can build the model), ``download`` fetches
@@ -23,6 +23,7 @@ missing files (called once per node by ``SubsetDataModule.prepare_data``).  ``re
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import zipfile
@@ -371,7 +372,7 @@ SOURCES: dict[str, SourceKind] = {
     "folder": SourceKind(_folder, _folder_info),
     "npz": SourceKind(_npz, _npz_info),
     "mog": SourceKind(_mog, _mog_info),
-}  # + "generated" (a teacher's samples), registered by lightning_repro.teachers
+}  # + "generated" (a teacher's samples), registered by lightning_repro.teachers (DEFERRED_SOURCES)
 
 
 def register_source(name: str, load: Callable[..., ImageSource], info: Callable[..., SourceInfo],
@@ -382,13 +383,18 @@ def register_source(name: str, load: Callable[..., ImageSource], info: Callable[
     SOURCES[name] = SourceKind(load, info, download)
 
 
+#: kinds whose loaders live above the data layer (they sample a model): the module named here registers the kind
+#: when imported, which ``_kind`` does on first use, so every entry point can name them; the data layer itself
+#: imports nothing of the model layer
+DEFERRED_SOURCES: dict[str, str] = {"generated": "lightning_repro.teachers"}
+
+
 def _kind(name: str) -> SourceKind:
-    if name == "generated" and name not in SOURCES:
-        raise ValueError("data source 'generated' samples a teacher model and is registered by "
-                         "lightning_repro.teachers (imported by lightning_repro.module, the CLI and the studies); "
-                         "import it first.")
+    if name not in SOURCES and name in DEFERRED_SOURCES:
+        importlib.import_module(DEFERRED_SOURCES[name])  # registers it (register_source)
     if name not in SOURCES:
-        raise ValueError(f"Unknown data source {name!r}; valid sources are: {', '.join(SOURCES)}.")
+        raise ValueError(f"Unknown data source {name!r}; valid sources are: "
+                         f"{', '.join(dict.fromkeys([*SOURCES, *DEFERRED_SOURCES]))}.")
     return SOURCES[name]
 
 
