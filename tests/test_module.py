@@ -210,3 +210,29 @@ def test_module_reexports_the_public_names_and_nets_keep_their_old_names():
     assert (module.DDPM, module.EDM, module.UViT, module.DiT) == (DDPM, EDM, UViT, DiT)
     assert dit.DiT is dit.DiTNet and uvit.UViT is uvit.UViTNet and DiT is not dit.DiTNet
     assert set(module.ARCHS) == {"ddpm", "ddpmpp", "edm", "uvit", "dit"} and module.ARCHS["edm"] is EDM
+
+
+def test_a_checkpoint_of_the_old_name_initialises_and_rebuilds_under_either_name(tmp_path):
+    """``init_from`` an ``EDM`` checkpoint (``arch: edm``, ``lightning_repro.module.EDM``) into a ``DDPMpp``, and a
+    ``DDPMpp`` checkpoint rebuilt by ``module_from_checkpoint`` / ``load_denoiser``: the same weights throughout."""
+    from lightning_repro.module import CKPT_KEY, DDPMpp, load_denoiser, module_from_checkpoint
+
+    cfg = dict(TINY["edm"][1], image_shape=(1, 8, 8))
+    old = EDM(**cfg)
+    with torch.no_grad():
+        for p in old.ema.parameters():
+            p.add_(0.5)  # an EMA that differs from a fresh initialisation
+    ckpt = {"state_dict": old.state_dict()}
+    old.on_save_checkpoint(ckpt)
+    assert (ckpt[CKPT_KEY]["arch"], ckpt[CKPT_KEY]["class_path"]) == ("edm", "lightning_repro.module.EDM")
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    new = DDPMpp(**cfg, init_from=str(tmp_path / "old.ckpt"), trainable=["*"])
+    new.load_init_weights()
+    assert all(torch.equal(a, b) for a, b in zip(new.model.state_dict().values(), old.ema.state_dict().values()))
+    ckpt = {"state_dict": new.state_dict()}
+    new.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "new.ckpt")
+    rebuilt = module_from_checkpoint(tmp_path / "new.ckpt")
+    den, _ = load_denoiser(tmp_path / "new.ckpt")
+    assert type(rebuilt) is DDPMpp and den.checkpoint_meta["arch"] == "ddpmpp"
+    assert all(torch.equal(a, b) for a, b in zip(den.state_dict().values(), old.ema.state_dict().values()))
