@@ -1,4 +1,4 @@
-"""Train a diffusion model: ``python train.py fit --config configs/experiments/<name>.yaml``."""
+"""Train a diffusion model: ``python train.py fit --config configs/train/<name>.yaml``."""
 
 from lightning_repro.cli import main
 

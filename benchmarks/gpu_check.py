@@ -253,7 +253,7 @@ def section_pipeline(a, device) -> None:
             [
                 "fit",
                 "--config",
-                str(root / "configs" / "experiments" / "digits_edm.yaml"),
+                str(root / "configs" / "train" / "digits_ddpmpp.yaml"),
                 "--trainer.accelerator",
                 "gpu" if gpu else "cpu",
                 "--trainer.devices",

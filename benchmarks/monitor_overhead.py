@@ -1,7 +1,7 @@
 """Cost of the live reproducibility monitor: the same tiny fit through the real CLI with and without it.
 
-    python benchmarks/monitor_overhead.py                       # digits_edm, 1,500 steps, the monitor's defaults
-    python benchmarks/monitor_overhead.py --max-steps 500 --config configs/experiments/digits_dit.yaml
+    python benchmarks/monitor_overhead.py                       # digits_ddpmpp, 1,500 steps, the monitor's defaults
+    python benchmarks/monitor_overhead.py --max-steps 500 --config configs/train/digits_dit.yaml
 
 Both runs are ``python train.py fit --config <experiment> --trainer.max_steps N --trainer.logger false``; the
 second adds ``--config configs/callbacks/monitor.yaml`` (every 250 steps, 64 seeds, optimal reference).  Printed:
@@ -45,7 +45,7 @@ def _number(pattern: str, text: str) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/experiments/digits_edm.yaml")
+    ap.add_argument("--config", default="configs/train/digits_ddpmpp.yaml")
     ap.add_argument("--monitor-config", default="configs/callbacks/monitor.yaml")
     ap.add_argument("--max-steps", type=int, default=1500)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI flags for both runs")

@@ -1,4 +1,4 @@
-"""Command line: ``python train.py fit --config configs/experiments/<name>.yaml`` (LightningCLI).
+"""Command line: ``python train.py fit --config configs/train/<name>.yaml`` (LightningCLI).
 
 Adds to Lightning's CLI (https://lightning.ai/docs/pytorch/stable/cli/lightning_cli.html):
 
@@ -32,9 +32,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from .checkpoints import load_checkpoint
 from .data import SubsetDataModule
+from .diffusion_module import DiffusionModule
 from .kernels import get_kernel
-from .module import ARCHS, DiffusionModule, load_checkpoint
+from .presets import ARCHS, RENAMED
 
 __all__ = ["ReproCLI", "ReproWandbLogger", "RunCheckpoint", "FinalSamples", "AtomicSaveConfig", "main",
            "wandb_offline", "write_atomic"]
@@ -227,7 +229,7 @@ def _make_root(root: str | os.PathLike) -> None:
 
 def _check_arch(argv: list[str]) -> None:
     """One clear sentence for an unknown ``--model`` (jsonargparse's own message is a page of usage)."""
-    names = {c.__name__ for c in ARCHS.values()}
+    names = {c.__name__ for c in ARCHS.values()} - set(RENAMED)  # the old names are accepted, not advertised
     for i, a in enumerate(argv):
         val = None
         if a in ("--model", "--model.class_path") and i + 1 < len(argv):
@@ -236,13 +238,34 @@ def _check_arch(argv: list[str]) -> None:
             val = a.split("=", 1)[1]
         if val is not None and not val.startswith(("{", "[")) and not val.endswith((".yaml", ".yml", ".json")):
             short = val.rsplit(".", 1)[-1]
-            if short not in names and short.lower() not in ARCHS:
+            if short not in names | set(RENAMED) and short.lower() not in ARCHS:
                 raise SystemExit(f"error: unknown architecture {val!r}; valid architectures are: "
-                                 f"{', '.join(sorted(names))} (e.g. --model EDM).")
+                                 f"{', '.join(sorted(names))} (e.g. --model DDPMpp).")
+
+
+#: training configs that moved from configs/experiments to configs/train (the EDM preset is now DDPMpp)
+MOVED_CONFIGS = {"digits_edm": "digits_ddpmpp", "digits_edm_vp": "digits_ddpmpp_vp", "digits_edm_cond": "digits_ddpmpp_cond",
+                 "digits_ddpm_ve": "digits_ddpm_ve", "digits_uvit": "digits_uvit", "digits_dit": "digits_dit",
+                 "cifar10_edm_vp": "cifar10_ddpmpp_vp", "cifar10_edm64_vp": "cifar10_ddpmpp64_vp"}
+
+
+def _check_moved_configs(argv: list[str]) -> None:
+    """One sentence naming the new path for a ``--config`` of a training config that moved to ``configs/train``."""
+    for i, a in enumerate(argv):
+        val = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.split("=", 1)[1] if a.startswith(
+            "--config=") else None
+        if val is None or Path(val).exists():
+            continue
+        path = Path(val)
+        if path.parent.name == "experiments" and path.stem in MOVED_CONFIGS:
+            new = path.parent.parent / "train" / f"{MOVED_CONFIGS[path.stem]}.yaml"
+            raise SystemExit(f"error: {val} moved to {new} (training configs live in configs/train; the EDM preset "
+                             f"is now DDPMpp).")
 
 
 def main(argv: list[str] | None = None) -> ReproCLI | None:
     """Run the CLI on ``argv`` (default: the command line)."""
+    _check_moved_configs(sys.argv[1:] if argv is None else argv)
     _check_arch(sys.argv[1:] if argv is None else argv)
     torch.set_float32_matmul_precision("high")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the EMA copy is eval on purpose

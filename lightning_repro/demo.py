@@ -1,8 +1,8 @@
 """The README's main job: model reproducibility on the embedded digits, end to end, on a laptop CPU.
 
-Zhang et al. (ICML 2024), Sec. 2-3 in miniature: two *different* families -- the EDM preset (DDPM++
-U-Net) and DiT -- are trained on a small nested subset of the digits (memorization regime) and on all
-1,797 of them (generalization regime), each model is sampled from the same seeds with the deterministic
+Zhang et al. (ICML 2024), Sec. 2-3 in miniature: two *different* families -- the DDPM++ U-Net of EDM
+(``DDPMpp`` preset; family ``edm``) and DiT -- are trained on a small nested subset of the digits
+(memorization regime) and on all 1,797 of them (generalization regime), each model is sampled from the same seeds with the deterministic
 EDM Heun sampler, and ``evaluate.py --pair`` scores them:
 
 * RP   the fraction of seeds whose two samples are near-copies of each other (pixel descriptor: normalised
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 
 #: the two families (small widths so four trainings fit a few CPU minutes)
 FAMILIES = {
-    "edm": ["--config", str(CONFIGS / "digits_edm.yaml"), "--model.init_args.model_channels", "16",
+    "edm": ["--config", str(CONFIGS / "digits_ddpmpp.yaml"), "--model.init_args.model_channels", "16",
             "--model.init_args.channel_mult", "[1,2]", "--model.init_args.attn_resolutions", "[]"],
     "dit": ["--config", str(CONFIGS / "digits_dit.yaml"), "--model.init_args.hidden_size", "64",
             "--model.init_args.depth", "4", "--model.init_args.num_heads", "4"],

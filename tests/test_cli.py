@@ -11,7 +11,7 @@ from wandb_offline import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--config", "configs/experiments/digits_edm.yaml",
+    "--config", "configs/train/digits_ddpmpp.yaml",
     "--model.init_args.kernel", "vp", "--model.init_args.model_channels", "16",
     "--model.init_args.channel_mult", "[1,2]", "--model.init_args.attn_resolutions", "[]",
     "--model.init_args.dropout", "0.1", "--data.size", "64", "--data.batch_size", "16",
@@ -49,7 +49,7 @@ def test_fit_writes_checkpoints_grid_and_summary(full_run):
     assert (run / "checkpoints" / "step_0000025.ckpt").is_file()
     assert (run / "samples" / "final.png").is_file() and (run / "samples" / "step_0000025.png").is_file()
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("done:")]
-    assert line and "arch=edm kernel=vp size=64 steps=50" in line[0] and "final.png" in line[0]
+    assert line and "arch=ddpmpp kernel=vp size=64 steps=50" in line[0] and "final.png" in line[0]
     step, ema = ema_state(run / "checkpoints" / "last.ckpt")
     assert step == 50 and ema
 
@@ -59,8 +59,8 @@ def test_wandb_offline_run_holds_config_keys(full_run):
     (run_dir,) = list((run / "wandb").glob("offline-run-*"))
     info = read_offline_run(run_dir)
     cfg = info["config"]
-    assert info["group"] == "digits_edm" and info["project"] == "lightning_repro"
-    assert (cfg["arch"], cfg["kernel"], cfg["size"], cfg["subset_seed"], cfg["seed"]) == ("edm", "vp", 64, 0, 0)
+    assert info["group"] == "digits_ddpmpp" and info["project"] == "lightning_repro"
+    assert (cfg["arch"], cfg["kernel"], cfg["size"], cfg["subset_seed"], cfg["seed"]) == ("ddpmpp", "vp", 64, 0, 0)
 
 
 def test_resume_from_last_continues_with_identical_ema(full_run, tmp_path):
@@ -81,13 +81,16 @@ def test_resume_from_last_continues_with_identical_ema(full_run, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--model.init_args.kernel", "foo"], "error: Unknown kernel 'foo'; valid kernels are: vp, subvp, ve, edm, vp_discrete."),
-    (["--model", "Transformer"], "error: unknown architecture 'Transformer'; valid architectures are: DDPM, DiT, EDM, UViT"),
+    (["--model", "Transformer"], "error: unknown architecture 'Transformer'; valid architectures are: DDPM, DDPMpp, DiT, UViT"),
     (["--data.size", "5000"], "error: data.size=5000 is larger than the digits source, which has 1797 images."),
     (["--data.source_kwargs.resolution", "6", "--model.init_args.channel_mult", "[1,2,2]"],
      "error: SongUNet: img_resolution 6 is not divisible by 4"),
     (["--data.source", "cifar10", "--data.source_kwargs.root", "{tmp}/nocifar"],
      "error: cifar10 was not found under {tmp}/nocifar/cifar-10-batches-py: extract"),
-    (["--model.init_args.lr", "abc"], "error: Problem with given class_path 'lightning_repro.module.EDM': "
+    (["--config", "configs/experiments/digits_edm.yaml"],
+     "error: configs/experiments/digits_edm.yaml moved to configs/train/digits_ddpmpp.yaml (training configs live "
+     "in configs/train; the EDM preset is now DDPMpp)."),
+    (["--model.init_args.lr", "abc"], "error: Problem with given class_path 'lightning_repro.module.DDPMpp': "
                                       "Parser key \"lr\": Expected a <class 'float'>. Got value: abc"),
 ])
 def test_bad_input_is_one_sentence(extra, message, tmp_path):
@@ -100,31 +103,87 @@ def test_bad_input_is_one_sentence(extra, message, tmp_path):
     assert last.startswith(message.replace("{tmp}", str(tmp_path))), last
 
 
-#: the study configs (configs/studies/<name>.yaml) -> their Study; everything in configs/experiments is a training
-#: config
+#: the study configs (configs/studies/<name>.yaml) -> their Study (training configs: test_training_configs_parse)
 STUDY_CONFIGS = sorted(p.name for p in (ROOT / "configs" / "studies").glob("*.yaml"))
-EXPERIMENTS = sorted(p.name for p in (ROOT / "configs" / "experiments").glob("*.yaml"))
+#: config folders and the test that reads their files
+CONFIG_FOLDERS = {"train", "studies", "model", "data", "trainer", "callbacks", "published"}
 
 
-@pytest.mark.parametrize("config", EXPERIMENTS + STUDY_CONFIGS)
-def test_shipped_configs_parse(config, capsys):
-    """Training configs resolve with ``--print_config``; study configs load with their study's keys (a typo fails)."""
+def test_every_shipped_config_is_in_a_checked_folder():
+    folders = {p.parent.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
+    assert folders <= CONFIG_FOLDERS, f"configs outside the checked folders: {sorted(folders - CONFIG_FOLDERS)}"
+
+
+@pytest.mark.parametrize("config", STUDY_CONFIGS)
+def test_shipped_configs_parse(config):
+    """Study configs load with their study's keys (a typo fails) and equal the study's defaults."""
+    from lightning_repro.studies import all_studies
+
+    study = all_studies()[config.removesuffix(".yaml")]  # every study config belongs to a registered study
+    path = ROOT / "configs" / "studies" / config
+    cfg = study.load_config(path)
+    assert cfg["out"].startswith("outputs/") and cfg == study.defaults()
+    assert study.load_config(path, quick=True)["out"] == cfg["out"] + "_quick"
+
+
+TRAIN_CONFIGS = sorted(p.name for p in (ROOT / "configs" / "train").glob("*.yaml"))
+#: what each training config resolves to: preset, kernel, data source, batch size, max_steps (the README's table)
+TRAIN_EXPECTED = {
+    "digits_ddpmpp.yaml": ("DDPMpp", "edm", "digits", 64, 1500),
+    "digits_ddpmpp_vp.yaml": ("DDPMpp", "vp", "digits", 64, 1500),
+    "digits_ddpmpp_cond.yaml": ("DDPMpp", "edm", "digits", 64, 1500),
+    "digits_ddpm_ve.yaml": ("DDPM", "ve", "digits", 64, 1500),
+    "digits_uvit.yaml": ("UViT", "vp", "digits", 64, 1500),
+    "digits_dit.yaml": ("DiT", "edm", "digits", 64, 1500),
+    "cifar10_ddpmpp_vp.yaml": ("DDPMpp", "vp", "cifar10", 128, 390625),
+    "cifar10_ddpmpp64_vp.yaml": ("DDPMpp", "vp", "cifar10", 128, 390625),
+}
+
+
+def print_config(args, capsys):
     import yaml
 
     from lightning_repro.cli import main
-    from lightning_repro.studies import all_studies
 
-    if config in STUDY_CONFIGS:
-        study = all_studies()[config.removesuffix(".yaml")]  # every study config belongs to a registered study
-        path = ROOT / "configs" / "studies" / config
-        cfg = study.load_config(path)
-        assert cfg["out"].startswith("outputs/") and cfg == study.defaults()
-        assert study.load_config(path, quick=True)["out"] == cfg["out"] + "_quick"
-        return
-    path = ROOT / "configs" / "experiments" / config
-    assert "model" in yaml.safe_load(path.read_text()), f"{config}: not a training config and not in STUDY_CONFIGS"
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(ROOT / "configs" / "experiments" / config), "--print_config"])
+        main(["fit", *args, "--print_config"])
     assert exc.value.code in (0, None)
-    out = capsys.readouterr().out
-    assert "class_path: lightning_repro.module." in out and "data:" in out
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_training_configs_are_all_known():
+    assert TRAIN_CONFIGS == sorted(TRAIN_EXPECTED)
+
+
+@pytest.mark.parametrize("config", TRAIN_CONFIGS)
+def test_training_configs_parse(config, capsys):
+    """Each configs/train file resolves (its model / data file references included) to the documented run."""
+    cfg = print_config(["--config", str(ROOT / "configs" / "train" / config)], capsys)
+    preset, kernel, source, batch, steps = TRAIN_EXPECTED[config]
+    assert cfg["model"]["class_path"] == f"lightning_repro.module.{preset}"
+    assert cfg["model"]["init_args"]["kernel"] == kernel
+    assert (cfg["data"]["source"], cfg["data"]["batch_size"], cfg["trainer"]["max_steps"]) == (source, batch, steps)
+    assert cfg["trainer"]["default_root_dir"] == f"runs/{config[:-5]}"
+
+
+def test_configs_compose_from_model_data_and_trainer_files(capsys, tmp_path, monkeypatch):
+    """A config refers to configs/model and configs/data files (paths relative to it, whatever the cwd); on the
+    command line ``--trainer FILE`` / ``--model FILE`` / ``--data FILE`` merge over it."""
+    monkeypatch.chdir(tmp_path)
+    train = ROOT / "configs" / "train"
+    cfg = print_config(["--config", str(train / "digits_ddpmpp.yaml")], capsys)
+    assert cfg["model"]["init_args"]["model_channels"] == 32 and cfg["data"]["val_seeds"] == 64
+    assert cfg["checkpoint"]["every_n_train_steps"] == 750 and cfg["final_samples"]["num_samples"] == 100
+    cfg = print_config(["--config", str(train / "digits_ddpmpp.yaml"), "--trainer", str(ROOT / "configs/trainer/cpu.yaml"),
+                        "--model", str(ROOT / "configs/model/digits_dit.yaml"), "--model.init_args.kernel", "vp",
+                        "--data", str(ROOT / "configs/data/cifar10.yaml")], capsys)
+    assert (cfg["trainer"]["accelerator"], cfg["trainer"]["precision"], cfg["trainer"]["max_steps"]) == (
+        "cpu", "32-true", 1500)  # the trainer file's keys over the experiment's, the others kept
+    assert cfg["model"]["class_path"] == "lightning_repro.module.DiT"
+    assert (cfg["model"]["init_args"]["hidden_size"], cfg["model"]["init_args"]["kernel"]) == (64, "vp")
+    assert (cfg["data"]["source"], cfg["data"]["batch_size"]) == ("cifar10", 128)
+
+
+def test_old_preset_name_still_resolves(capsys):
+    cfg = print_config(["--config", str(ROOT / "configs" / "train" / "digits_ddpmpp.yaml"), "--model", "EDM"], capsys)
+    assert cfg["model"]["class_path"].endswith(".EDM") and cfg["model"]["init_args"]["model_channels"] == 32

@@ -119,3 +119,34 @@ def test_folder_source(tmp_path):
             Image.fromarray(np.full((6, 6, 3), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
     s = get_source("folder", root=str(tmp_path))
     assert s.images.shape == (6, 3, 6, 6) and s.labels.tolist() == [0, 0, 0, 1, 1, 1] and s.num_classes == 2
+
+
+def test_data_layer_imports_no_model_layer_and_generated_is_registered_on_first_use():
+    """``lightning_repro.data`` imports neither the model layer nor the samplers; the ``generated`` source is
+    registered by ``lightning_repro.teachers``, which the data layer imports only when the name is first used."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from lightning_repro.data import get_source
+from lightning_repro.data.sources import SOURCES
+upper = ("lightning_repro.module", "lightning_repro.sampling", "lightning_repro.presets", "lightning_repro.checkpoints",
+         "lightning_repro.teachers", "lightning_repro.diffusion_module")
+assert "generated" not in SOURCES and not [m for m in sys.modules if m.startswith(upper)], sorted(SOURCES)
+try:
+    get_source("nonsense")
+except ValueError as err:
+    print(err)
+assert not [m for m in sys.modules if m.startswith(upper)]
+try:
+    get_source("generated")
+except ValueError as err:
+    print(err)
+assert "generated" in SOURCES and "lightning_repro.teachers" in sys.modules
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    unknown, first = p.stdout.strip().splitlines()
+    assert unknown == "Unknown data source 'nonsense'; valid sources are: digits, cifar10, cifar100, folder, npz, mog, generated."
+    assert first == "generated source: give the teacher checkpoint (source_kwargs checkpoint: PATH)."

@@ -70,7 +70,7 @@ def _finish(p: subprocess.Popen, what: str) -> str:
 TRAIN = [
     "fit",
     "--config",
-    "configs/experiments/digits_edm.yaml",
+    "configs/train/digits_ddpmpp.yaml",
     "--model.init_args.model_channels",
     "16",
     "--model.init_args.channel_mult",
@@ -428,7 +428,7 @@ def test_ddp_downloads_the_source_once_and_builds_the_model_from_metadata(tmp_pa
     script, data = tmp_path / "train_counting.py", tmp_path / "data"
     script.write_text(COUNTING_SCRIPT)
     data.mkdir()
-    args = ["fit", "--config", "configs/experiments/digits_edm.yaml", "--model.init_args.model_channels", "8",
+    args = ["fit", "--config", "configs/train/digits_ddpmpp.yaml", "--model.init_args.model_channels", "8",
             "--model.init_args.channel_mult", "[1,2]", "--model.init_args.attn_resolutions", "[]",
             "--data.source", "counting", "--data.source_kwargs.root", str(data), "--data.batch_size", "4",
             "--trainer.max_steps", "1", "--final_samples.enabled", "false", "--trainer.logger", "false",

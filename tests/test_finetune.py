@@ -127,7 +127,7 @@ def test_pattern_matching_nothing_is_one_sentence(pretrained):
 def run_cli(args, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    base = ["--config", "configs/experiments/digits_edm.yaml", "--model.init_args.model_channels", "8",
+    base = ["--config", "configs/train/digits_ddpmpp.yaml", "--model.init_args.model_channels", "8",
             "--model.init_args.channel_mult", "[1]", "--data.size", "16", "--data.batch_size", "8",
             "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path / "r")]
@@ -137,9 +137,9 @@ def run_cli(args, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--model.init_args.init_from", "{pre}"],
-     "error: init_from {pre} holds a 'dit' model (lightning_repro.module.DiT), but this model is 'edm'"),
+     "error: init_from {pre} holds a 'dit' model (lightning_repro.module.DiT), but this model is 'ddpmpp'"),
     (["--model.init_from", "{pre}", "--model.trainable", '["nope.*"]'],  # the init_args level may be left out
-     "error: trainable pattern 'nope.*' matches no parameter of the EDM network"),
+     "error: trainable pattern 'nope.*' matches no parameter of the DDPMpp network"),
 ])
 def test_cli_bad_init_from_prints_one_error_line(pretrained, tmp_path, args, message):
     p = run_cli([a.replace("{pre}", str(pretrained)) for a in args], tmp_path)

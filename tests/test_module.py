@@ -151,3 +151,88 @@ def test_truncated_or_missing_checkpoint_is_one_sentence(trained, tmp_path):
         load_denoiser(bad)
     with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope.ckpt does not exist"):
         load_denoiser(tmp_path / "nope.ckpt")
+
+
+# -- the loss, the presets' names, the public namespace ---------------------------------------------------------
+def test_denoising_loss_is_its_draws_then_the_weighted_error(batch):
+    """``DenoisingLoss`` = draw (sigma, noise, label dropout) from the step generator, then lambda(sigma) ||D - x0||^2."""
+    x0, labels = batch
+    m = tiny("edm", "vp", num_classes=10, label_dropout=0.5)
+    with torch.no_grad():
+        loss = m.loss(m.denoise, x0, labels, torch.Generator().manual_seed(3))
+        sigma, noise, lab = m.draw_noise(x0, labels, torch.Generator().manual_seed(3))
+        assert torch.equal(loss, m.loss_fn(x0, lab, sigma, noise))
+        g = torch.Generator().manual_seed(3)  # the draw order: sigma, noise, then the dropout coin of each label
+        assert torch.equal(sigma, m.kernel.sample_sigma(8, generator=g))
+        assert torch.equal(noise, torch.randn(x0.shape, generator=g))
+        assert torch.equal(lab == -1, torch.rand(8, generator=g) < 0.5) and bool((lab == -1).any())
+        D = m.model(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, lab)
+        w = m.kernel.loss_weight(sigma.double()).float().view(-1, 1, 1, 1)
+        assert torch.allclose(loss, (w * (D - x0) ** 2).mean(), rtol=1e-6)
+
+
+def test_ddpmpp_is_the_network_the_old_name_edm_builds(recwarn):
+    """``EDM`` is the deprecated name of ``DDPMpp``: the same network and weights, its own arch / class path, one
+    FutureWarning per process; checkpoints of either name fit the other (init_from, --ckpt_path)."""
+    from lightning_repro import presets
+    from lightning_repro.module import DDPMpp, preset_class
+
+    presets._warned.clear()
+    torch.manual_seed(0)
+    new = DDPMpp(**TINY["edm"][1])
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+    torch.manual_seed(0)
+    old = EDM(**TINY["edm"][1])
+    EDM(**TINY["edm"][1])
+    warned = [w for w in recwarn if issubclass(w.category, FutureWarning)]
+    assert len(warned) == 1 and "now called DDPMpp" in str(warned[0].message)
+    assert isinstance(old, DDPMpp) and old.state_dict().keys() == new.state_dict().keys()
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())
+    assert (new.arch, new.class_path(), old.arch, old.class_path()) == (
+        "ddpmpp", "lightning_repro.module.DDPMpp", "edm", "lightning_repro.module.EDM")
+    meta = {"kernel": "edm", "precond": "edm", "hparams": dict(new.hparams)}
+    new.check_compatible({**meta, "arch": "edm", "class_path": "lightning_repro.module.EDM"}, "old.ckpt")
+    old.check_compatible({**meta, "arch": "ddpmpp", "class_path": "lightning_repro.module.DDPMpp"}, "new.ckpt")
+    with pytest.raises(ValueError, match=r"holds a 'dit' model .* but this model is 'ddpmpp'"):
+        new.check_compatible({**meta, "arch": "dit", "class_path": "lightning_repro.module.DiT"}, "dit.ckpt")
+    assert preset_class("lightning_repro.module.EDM") is EDM and preset_class("lightning_repro.module.DDPMpp") is DDPMpp
+    assert preset_class("lightning_repro.presets.DDPMpp") is DDPMpp  # the defining file's path works too
+
+
+def test_module_reexports_the_public_names_and_nets_keep_their_old_names():
+    import lightning_repro.module as module
+    from lightning_repro import checkpoints, diffusion_module, losses, presets
+    from lightning_repro.nets import dit, uvit
+
+    for name in module.__all__:
+        homes = [m for m in (checkpoints, diffusion_module, losses, presets) if hasattr(m, name)]
+        assert homes and getattr(module, name) is getattr(homes[0], name), name
+    assert (module.DDPM, module.EDM, module.UViT, module.DiT) == (DDPM, EDM, UViT, DiT)
+    assert dit.DiT is dit.DiTNet and uvit.UViT is uvit.UViTNet and DiT is not dit.DiTNet
+    assert set(module.ARCHS) == {"ddpm", "ddpmpp", "edm", "uvit", "dit"} and module.ARCHS["edm"] is EDM
+
+
+def test_a_checkpoint_of_the_old_name_initialises_and_rebuilds_under_either_name(tmp_path):
+    """``init_from`` an ``EDM`` checkpoint (``arch: edm``, ``lightning_repro.module.EDM``) into a ``DDPMpp``, and a
+    ``DDPMpp`` checkpoint rebuilt by ``module_from_checkpoint`` / ``load_denoiser``: the same weights throughout."""
+    from lightning_repro.module import CKPT_KEY, DDPMpp, load_denoiser, module_from_checkpoint
+
+    cfg = dict(TINY["edm"][1], image_shape=(1, 8, 8))
+    old = EDM(**cfg)
+    with torch.no_grad():
+        for p in old.ema.parameters():
+            p.add_(0.5)  # an EMA that differs from a fresh initialisation
+    ckpt = {"state_dict": old.state_dict()}
+    old.on_save_checkpoint(ckpt)
+    assert (ckpt[CKPT_KEY]["arch"], ckpt[CKPT_KEY]["class_path"]) == ("edm", "lightning_repro.module.EDM")
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    new = DDPMpp(**cfg, init_from=str(tmp_path / "old.ckpt"), trainable=["*"])
+    new.load_init_weights()
+    assert all(torch.equal(a, b) for a, b in zip(new.model.state_dict().values(), old.ema.state_dict().values()))
+    ckpt = {"state_dict": new.state_dict()}
+    new.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "new.ckpt")
+    rebuilt = module_from_checkpoint(tmp_path / "new.ckpt")
+    den, _ = load_denoiser(tmp_path / "new.ckpt")
+    assert type(rebuilt) is DDPMpp and den.checkpoint_meta["arch"] == "ddpmpp"
+    assert all(torch.equal(a, b) for a, b in zip(den.state_dict().values(), old.ema.state_dict().values()))

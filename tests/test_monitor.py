@@ -23,7 +23,7 @@ from lightning_repro.module import EDM
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--config", "configs/experiments/digits_edm.yaml", "--model.init_args.model_channels", "16",
+    "--config", "configs/train/digits_ddpmpp.yaml", "--model.init_args.model_channels", "16",
     "--model.init_args.channel_mult", "[1,2]", "--model.init_args.attn_resolutions", "[]",
     "--data.size", "64", "--data.batch_size", "16", "--data.val_seeds", "4", "--model.init_args.val_steps", "3",
     "--trainer.val_check_interval", "100", "--checkpoint.every_n_train_steps", "5",

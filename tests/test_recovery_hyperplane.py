@@ -18,10 +18,10 @@ from study_helpers import assert_png, read_csv
 import lightning_repro.sampling as sampling
 from lightning_repro.data import SubsetDataModule, get_source
 from lightning_repro.data.datamodule import subset_indices
-from lightning_repro.data.sources import generated_cache_path
 from lightning_repro.module import file_sha256
 from lightning_repro.sampling import sample, sample_from_noise, seed_noise
 from lightning_repro.studies import TrainJob, hyperplane, recovery, run_training_jobs
+from lightning_repro.teachers import generated_cache_path
 from lightning_repro.theory import EmpiricalOptimalDenoiser
 
 ROOT = Path(__file__).resolve().parents[1]

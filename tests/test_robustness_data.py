@@ -263,7 +263,7 @@ def test_cli_batch_size_zero_is_one_sentence(tmp_path):
     from lightning_repro.cli import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(ROOT / "configs" / "experiments" / "digits_edm.yaml"), "--data.batch_size", "0",
+        main(["fit", "--config", str(ROOT / "configs" / "train" / "digits_ddpmpp.yaml"), "--data.batch_size", "0",
               "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
     assert exc.value.code == "error: data.batch_size must be a positive integer (the per-device batch), got 0."
 

@@ -16,8 +16,8 @@ from lightning_repro.data import SubsetDataModule
 from lightning_repro.module import EDM, DiT
 
 NET = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
-#: a tiny EDM training run from the command line (the digits config, 8x8 images, no logger, no samples)
-ARGS = ["fit", "--config", "configs/experiments/digits_edm.yaml", "--model.init_args.model_channels", "8",
+#: a tiny DDPM++ training run from the command line (the digits config, 8x8 images, no logger, no samples)
+ARGS = ["fit", "--config", "configs/train/digits_ddpmpp.yaml", "--model.init_args.model_channels", "8",
         "--model.init_args.channel_mult", "[1]", "--model.init_args.attn_resolutions", "[]",
         "--data.size", "16", "--data.batch_size", "8", "--trainer.max_steps", "1", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -43,7 +43,7 @@ def ema(module):
 
 @pytest.fixture(scope="module")
 def dit_ckpt(tmp_path_factory) -> Path:
-    """A one-step checkpoint of another architecture (DiT) than the command line configures (EDM), with the
+    """A one-step checkpoint of another architecture (DiT) than the command line configures (DDPMpp), with the
     ``_class_path`` hyperparameter a ``train.py fit`` run stores (which Lightning's CLI would adopt)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("dit")
@@ -56,7 +56,8 @@ def dit_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rgb_ckpt(tmp_path_factory) -> Path:
-    """A one-step EDM checkpoint of the command line's network, but of 3x8x8 images (the digits are 1x8x8)."""
+    """A one-step checkpoint of the command line's network under its old preset name (EDM), but of 3x8x8 images
+    (the digits are 1x8x8)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("rgb")
     module = EDM(**NET, image_shape=(3, 8, 8))
@@ -115,10 +116,10 @@ def cli_env(tmp_path, monkeypatch, one_thread):
 
 
 def test_resume_from_another_architecture_is_one_sentence(dit_ckpt, cli_env):
-    """Lightning adopted the checkpoint's hyperparameters: an EDM config trained the DiT (``done: arch=dit``)."""
+    """Lightning adopted the checkpoint's hyperparameters: a DDPMpp config trained the DiT (``done: arch=dit``)."""
     message = run_main([*ARGS, "--trainer.default_root_dir", str(cli_env / "r"), "--ckpt_path", str(dit_ckpt)])
     assert message == (f"error: ckpt_path {dit_ckpt} holds a 'dit' model (lightning_repro.module.DiT), but this "
-                       f"model is 'edm' (lightning_repro.module.EDM); resuming needs a checkpoint of the same "
+                       f"model is 'ddpmpp' (lightning_repro.module.DDPMpp); resuming needs a checkpoint of the same "
                        f"architecture.")
 
 
@@ -140,7 +141,7 @@ def test_resume_with_other_network_or_kernel_is_one_sentence(rgb_ckpt, cli_env, 
     message = run_main([*ARGS, "--trainer.default_root_dir", str(cli_env / "r"), "--ckpt_path",
                         str(cli_env / "ok.ckpt"), f"--model.init_args.{key}", value])
     if theirs:
-        assert message == (f"error: ckpt_path {cli_env / 'ok.ckpt'} has a different EDM network: {theirs}; "
+        assert message == (f"error: ckpt_path {cli_env / 'ok.ckpt'} has a different DDPMpp network: {theirs}; "
                            f"resuming needs the same architecture settings.")
     else:
         assert message == (f"error: ckpt_path {cli_env / 'ok.ckpt'} was trained with kernel 'edm', but this model "
@@ -218,7 +219,7 @@ def test_write_atomic_keeps_the_old_file_on_failure(tmp_path):
 
 def test_bad_option_value_keeps_the_reason(cli_env):
     message = run_main([*ARGS, "--trainer.default_root_dir", str(cli_env / "r"), "--model.init_args.lr", "abc"])
-    assert message == ("error: Problem with given class_path 'lightning_repro.module.EDM': Parser key \"lr\": "
+    assert message == ("error: Problem with given class_path 'lightning_repro.module.DDPMpp': Parser key \"lr\": "
                        "Expected a <class 'float'>. Got value: abc")
 
 

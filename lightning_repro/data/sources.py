@@ -11,7 +11,9 @@ Sources (DESIGN.md, "Data flow"):
 * ``npz``      a ``.npz`` with uint8 ``images`` N×H×W×C (or N×H×W) and optional ``labels`` (one per image).
 * ``mog``      samples of the low-rank mixture of Gaussians of the paper's Eq. 2 (``theory.mog``).
 * ``generated`` a teacher checkpoint's own deterministic samples (the paper's model recovery, Sec. 3.2.1,
-               Case 2: a student trained on a teacher's samples), cached in a ``.npz``; see ``generated_source``.
+               Case 2), cached in a ``.npz`` whose format is defined here (``generated_cache_file``,
+               ``read_generated``, ``write_generated``); the sampling, which needs the model layer, is
+               ``lightning_repro.teachers``, which registers the source when first named (``DEFERRED_SOURCES``).
 
 Each name is a ``SourceKind`` in ``SOURCES``: ``load`` reads the images, ``info`` gives their shape, classes
 and count without reading images or downloading (so every DDP rank can build the model), ``download`` fetches
@@ -21,6 +23,7 @@ missing files (called once per node by ``SubsetDataModule.prepare_data``).  ``re
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import zipfile
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,9 +51,10 @@ __all__ = [
     "SOURCES",
     "uint8_to_float",
     "float_to_uint8",
-    "generated_source",
-    "generated_cache_path",
-    "GENERATED_DEFAULT_SEEDS",
+    "generated_cache_file",
+    "read_generated",
+    "write_generated",
+    "GENERATED_FORMAT",
 ]
 
 
@@ -309,61 +314,31 @@ def _mog_info(num_samples: int = 8192, shape: tuple[int, int, int] = (1, 8, 8), 
     return SourceInfo(_mog_shape(shape), int(num_components), True, int(num_samples))
 
 
-#: default seeds of the ``generated`` source: from 1,000,000 on, disjoint from the evaluation seeds (0, 1, ...)
-GENERATED_DEFAULT_SEEDS = "1000000-1000255"
+#: format tag of a ``generated`` cache file (a teacher's samples; the sampling itself lives in ``teachers``)
 GENERATED_FORMAT = "lightning_repro.generated/1"
 
 
-def _generated_key(sha256: str, seeds: list[int], sampler: str, steps: int, guidance: float) -> str:
+def generated_cache_file(folder: str | os.PathLike, stem: str, teacher_sha256: str, seeds: list[int], sampler: str,
+                         steps: int, guidance: float) -> Path:
+    """``<folder>/<stem>.generated_<hash>.npz``: the hash covers the teacher checkpoint's SHA-256, the seeds, the
+    sampler, the steps and the guidance weight, so other samples of the teacher are another file."""
     blob = json.dumps(
-        {"checkpoint_sha256": sha256, "seeds": seeds, "sampler": str(sampler), "steps": int(steps),
+        {"checkpoint_sha256": teacher_sha256, "seeds": seeds, "sampler": str(sampler), "steps": int(steps),
          "guidance": float(guidance)},
         sort_keys=True,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return Path(folder) / f"{stem}.generated_{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npz"
 
 
-def _checked_teacher(checkpoint: str | os.PathLike | None, seeds: str | int | list[int]) -> tuple[Path, list[int]]:
-    """The teacher checkpoint's path (which must exist) and the parsed seeds, or one sentence on what is wrong."""
-    from ..sampling.noise import parse_seeds
-
-    if checkpoint is None:
-        raise ValueError("generated source: give the teacher checkpoint (source_kwargs checkpoint: PATH).")
-    ckpt = Path(checkpoint).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"generated source: teacher checkpoint {ckpt} does not exist.")
-    try:
-        return ckpt, parse_seeds(seeds)
-    except ValueError as err:
-        raise ValueError(f"generated source: {err}") from None
-
-
-def _cache_path(ckpt: Path, sha: str, seeds: list[int], sampler: str, steps: int, guidance: float,
-                cache_dir: str | os.PathLike | None) -> Path:
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else ckpt.parent
-    return folder / f"{ckpt.stem}.generated_{_generated_key(sha, seeds, sampler, steps, guidance)}.npz"
-
-
-def generated_cache_path(checkpoint: str | os.PathLike, seeds: str | int | list[int] = GENERATED_DEFAULT_SEEDS,
-                         sampler: str = "heun", steps: int = 18, guidance: float = 1.0,
-                         cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where ``generated_source`` caches the teacher's samples for these arguments:
-    ``<cache_dir or the checkpoint's folder>/<checkpoint stem>.generated_<hash>.npz``, the hash covering the
-    checkpoint's SHA-256, the seeds, the sampler, the steps and the guidance weight."""
-    from ..module import file_sha256
-
-    ckpt, seed_list = _checked_teacher(checkpoint, seeds)
-    return _cache_path(ckpt, file_sha256(ckpt), seed_list, sampler, steps, guidance, cache_dir)
-
-
-def _read_generated(path: Path, sha256: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray | None, int] | None:
-    """(images, labels, num_classes) of a cache file that matches, None if it cannot be read."""
+def read_generated(path: Path, teacher_sha256: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    """(uint8 images, labels, num_classes) of a cache file of these samples, None if it cannot be read (then it is
+    regenerated); one sentence if it holds another teacher's samples or other seeds."""
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception:  # a truncated / foreign file: regenerate it
         return None
-    if str(arrays.get("teacher_sha256", "")) != sha256 or arrays.get("seeds") is None \
+    if str(arrays.get("teacher_sha256", "")) != teacher_sha256 or arrays.get("seeds") is None \
             or arrays["seeds"].tolist() != seeds:
         raise ValueError(f"generated source: cache file {path} holds samples of another checkpoint or other seeds; "
                          "delete it to regenerate.")
@@ -371,67 +346,14 @@ def _read_generated(path: Path, sha256: str, seeds: list[int]) -> tuple[np.ndarr
     return arrays["images"], labels, int(arrays.get("num_classes", 0))
 
 
-def generated_source(checkpoint: str | os.PathLike | None = None,
-                     seeds: str | int | list[int] = GENERATED_DEFAULT_SEEDS, sampler: str = "heun",
-                     steps: int = 18, guidance: float = 1.0, cache_dir: str | os.PathLike | None = None,
-                     device: str = "auto", batch_size: int = 256) -> ImageSource:
-    """A teacher checkpoint's deterministic samples as a training source (model recovery, Zhang et al. 2024,
-    Sec. 3.2.1, Case 2).
-
-    The teacher's EMA denoiser (``module.load_denoiser``) is sampled with ``sampling.sample`` at ``seeds``
-    (default 1,000,000-1,000,255, disjoint from evaluation seeds 0, 1, ...), with labels ``seed %
-    num_classes`` when the teacher is class-conditional (the source then carries those labels).  The uint8
-    images, labels, seeds, teacher SHA-256, sampler, steps and guidance are cached in
-    ``generated_cache_path(...)`` (by default next to the checkpoint), written atomically; a later call
-    with the same checkpoint contents and arguments reads the cache instead of sampling.  Images are
-    returned as the cache holds them (uint8 -> [-1, 1]), so the first and later calls give the same tensor.
-    """
-    from ..module import file_sha256
-
-    ckpt, seed_list = _checked_teacher(checkpoint, seeds)
-    if len(set(seed_list)) != len(seed_list):
-        raise ValueError(f"generated source: seeds {seeds!r} repeat a seed; each training sample needs its own seed.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"generated source: steps must be a positive integer, got {steps!r}.")
-    sha = file_sha256(ckpt)  # read once: the cache's name and its check
-    path = _cache_path(ckpt, sha, seed_list, sampler, steps, guidance, cache_dir)
-    cached = _read_generated(path, sha, seed_list) if path.is_file() else None
-    if cached is None:
-        cached = _generate(ckpt, sha, seed_list, sampler, steps, guidance, device, batch_size, path)
-    images, labels, num_classes = cached
-    lab = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
-    return ImageSource("generated", uint8_to_float(images), lab, num_classes)
-
-
-def _generate(ckpt: Path, sha: str, seeds: list[int], sampler: str, steps: int, guidance: float, device: str,
-              batch_size: int, path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
-    from ..module import load_denoiser
-    from ..sampling import sample
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    den, kernel = load_denoiser(ckpt, device)
-    meta = den.checkpoint_meta
-    num_classes = int(meta.get("num_classes") or 0)
-    if guidance != 1.0 and not num_classes:
-        raise ValueError(f"generated source: guidance={guidance} needs a class-conditional teacher, and {ckpt} "
-                         "is unconditional.")
-    labels = np.asarray(seeds, dtype=np.int64) % num_classes if num_classes else None
-    x = sample(den, kernel, seeds, tuple(meta["image_shape"]), sampler=sampler, steps=steps,
-               labels=None if labels is None else torch.from_numpy(labels), guidance=guidance,
-               batch_size=batch_size, device=device)
-    images = float_to_uint8(x)
-    arrays: dict[str, np.ndarray] = {
-        "images": images,
-        "seeds": np.asarray(seeds, dtype=np.int64),
-        "teacher_sha256": np.asarray(sha),
-        "teacher_checkpoint": np.asarray(str(ckpt.resolve())),
-        "sampler": np.asarray(str(sampler)),
-        "steps": np.asarray(int(steps), dtype=np.int64),
-        "guidance": np.asarray(float(guidance), dtype=np.float64),
-        "num_classes": np.asarray(num_classes, dtype=np.int64),
-        "format": np.asarray(GENERATED_FORMAT),
-    }
+def write_generated(path: Path, images: np.ndarray, labels: np.ndarray | None, num_classes: int,
+                    provenance: dict[str, Any]) -> None:
+    """Write a cache file atomically: uint8 ``images`` N×H×W×C, ``labels`` (conditional teachers), ``num_classes``,
+    ``format`` and the ``provenance`` arrays (``seeds``, ``teacher_sha256``, ``teacher_checkpoint``, ``sampler``,
+    ``steps``, ``guidance``)."""
+    arrays: dict[str, np.ndarray] = {"images": images, **provenance,
+                                     "num_classes": np.asarray(num_classes, dtype=np.int64),
+                                     "format": np.asarray(GENERATED_FORMAT)}
     if labels is not None:
         arrays["labels"] = labels
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -439,24 +361,6 @@ def _generate(ckpt: Path, sha: str, seeds: list[int], sampler: str, steps: int, 
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     os.replace(tmp, path)
-    return images, labels, num_classes
-
-
-
-def _generated_info(checkpoint: str | os.PathLike | None = None, seeds: str | int | list[int] = GENERATED_DEFAULT_SEEDS,
-                    **_) -> SourceInfo:
-    """The teacher's image shape and classes, from its checkpoint's metadata (nothing is sampled)."""
-    from ..module import CKPT_KEY, load_checkpoint
-
-    ckpt, seed_list = _checked_teacher(checkpoint, seeds)
-    meta = load_checkpoint(ckpt)[CKPT_KEY]
-    shape = meta.get("image_shape") if isinstance(meta, dict) else None
-    if not isinstance(shape, (list, tuple)) or len(shape) != 3:
-        raise ValueError(f"generated source: teacher checkpoint {ckpt} records no image_shape (C, H, W).")
-    num_classes = int(meta.get("num_classes") or 0)
-    counts = tuple(int(v) for v in np.bincount(np.asarray(seed_list) % num_classes, minlength=num_classes)) \
-        if num_classes else None  # the label of seed s is s % num_classes
-    return SourceInfo(tuple(int(v) for v in shape), num_classes, num_classes > 0, len(seed_list), counts)
 
 
 SOURCES: dict[str, SourceKind] = {
@@ -468,8 +372,7 @@ SOURCES: dict[str, SourceKind] = {
     "folder": SourceKind(_folder, _folder_info),
     "npz": SourceKind(_npz, _npz_info),
     "mog": SourceKind(_mog, _mog_info),
-    "generated": SourceKind(generated_source, _generated_info),
-}
+}  # + "generated" (a teacher's samples), registered by lightning_repro.teachers (DEFERRED_SOURCES)
 
 
 def register_source(name: str, load: Callable[..., ImageSource], info: Callable[..., SourceInfo],
@@ -480,9 +383,18 @@ def register_source(name: str, load: Callable[..., ImageSource], info: Callable[
     SOURCES[name] = SourceKind(load, info, download)
 
 
+#: kinds whose loaders live above the data layer (they sample a model): the module named here registers the kind
+#: when imported, which ``_kind`` does on first use, so every entry point can name them; the data layer itself
+#: imports nothing of the model layer
+DEFERRED_SOURCES: dict[str, str] = {"generated": "lightning_repro.teachers"}
+
+
 def _kind(name: str) -> SourceKind:
+    if name not in SOURCES and name in DEFERRED_SOURCES:
+        importlib.import_module(DEFERRED_SOURCES[name])  # registers it (register_source)
     if name not in SOURCES:
-        raise ValueError(f"Unknown data source {name!r}; valid sources are: {', '.join(SOURCES)}.")
+        raise ValueError(f"Unknown data source {name!r}; valid sources are: "
+                         f"{', '.join(dict.fromkeys([*SOURCES, *DEFERRED_SOURCES]))}.")
     return SOURCES[name]
 
 

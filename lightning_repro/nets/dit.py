@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lightning_repro.nets.embeddings import timestep_embedding
 from lightning_repro.nets.uvit import Attention, check_class_labels, check_input, check_patch_size
 
-__all__ = ["DiT", "DiTBlock", "DIT_CONFIGS", "DiT_S_2", "DiT_B_2", "sincos_pos_embed_2d"]
+__all__ = ["DiTNet", "DiT", "DiTBlock", "DIT_CONFIGS", "DiT_S_2", "DiT_B_2", "sincos_pos_embed_2d"]
 
 #: Named DiT sizes (Peebles & Xie 2023, Table 1).
 DIT_CONFIGS: dict[str, dict[str, Any]] = {
@@ -103,7 +103,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiTNet(nn.Module):
     """DiT denoiser network (Peebles & Xie 2023): ``forward(x, noise_labels, class_labels=None)``.
 
     ``num_classes == 0`` builds an unconditional model (no label embedder; labels are ignored). Otherwise
@@ -216,11 +216,15 @@ class DiT(nn.Module):
         )
 
 
-def DiT_S_2(img_resolution: int, in_channels: int, out_channels: int, **kwargs: Any) -> DiT:
+#: the old name of ``DiTNet`` (the ``DiffusionModule`` preset is ``lightning_repro.module.DiT``)
+DiT = DiTNet
+
+
+def DiT_S_2(img_resolution: int, in_channels: int, out_channels: int, **kwargs: Any) -> DiTNet:
     """DiT-S/2: patch 2, width 384, depth 12, 6 heads."""
-    return DiT(img_resolution, in_channels, out_channels, **{**DIT_CONFIGS["DiT-S/2"], **kwargs})
+    return DiTNet(img_resolution, in_channels, out_channels, **{**DIT_CONFIGS["DiT-S/2"], **kwargs})
 
 
-def DiT_B_2(img_resolution: int, in_channels: int, out_channels: int, **kwargs: Any) -> DiT:
+def DiT_B_2(img_resolution: int, in_channels: int, out_channels: int, **kwargs: Any) -> DiTNet:
     """DiT-B/2: patch 2, width 768, depth 12, 12 heads."""
-    return DiT(img_resolution, in_channels, out_channels, **{**DIT_CONFIGS["DiT-B/2"], **kwargs})
+    return DiTNet(img_resolution, in_channels, out_channels, **{**DIT_CONFIGS["DiT-B/2"], **kwargs})

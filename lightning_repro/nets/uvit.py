@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_repro.nets.embeddings import timestep_embedding
 
-__all__ = ["UViT", "UVIT_CONFIGS", "Attention", "check_patch_size", "check_input", "check_class_labels"]
+__all__ = ["UViTNet", "UViT", "UVIT_CONFIGS", "Attention", "check_patch_size", "check_input", "check_class_labels"]
 
 #: Named U-ViT sizes (Bao et al. 2023, Table 1; ``depth`` is the reference config's value, the model has
 #: ``depth + 1`` transformer blocks). U-ViT-S/2 is the reference CIFAR-10 model (44.3M parameters).
@@ -150,7 +150,7 @@ class UViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class UViT(nn.Module):
+class UViTNet(nn.Module):
     """U-ViT denoiser network (Bao et al. 2023): ``forward(x, noise_labels, class_labels=None)``.
 
     ``depth`` follows the reference config: ``depth // 2`` in-blocks, one mid-block and ``depth // 2``
@@ -252,3 +252,7 @@ class UViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters the reference excludes from weight decay."""
         return {"pos_embed"}
+
+
+#: the old name of ``UViTNet`` (the ``DiffusionModule`` preset is ``lightning_repro.module.UViT``)
+UViT = UViTNet

@@ -14,7 +14,7 @@ threes: optimal, from scratch, fine-tuned), ``DIR/samples/pretrained.png``,
 ``DIR/checkpoints/{pretrain,scratch_N<N>,finetune_N<N>}_<hash>.ckpt`` and a W&B run (group ``fig11``).  The same
 fine-tuning from the training CLI::
 
-    python train.py fit --config configs/experiments/digits_dit.yaml --data.classes '[5,6,7,8,9]' \\
+    python train.py fit --config configs/train/digits_dit.yaml --data.classes '[5,6,7,8,9]' \\
         --data.size 64 --model.init_args.init_from PRETRAINED.ckpt [--model.init_args.trainable '["*"]']
 
 Sizes (a digits stand-in for CIFAR-100 -> CIFAR-10), measured results and the full-scale settings:

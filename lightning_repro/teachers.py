@@ -1,0 +1,138 @@
+"""The ``generated`` data source: a teacher checkpoint's own deterministic samples as training images (model
+recovery, Zhang et al. 2024, Sec. 3.2.1, Case 2: a student trained on a teacher's samples).
+
+The data layer defines the source registry and the cache file (``data.sources.generated_cache_file``,
+``read_generated``, ``write_generated``); sampling the teacher needs the model layer, so it lives here and this
+module registers the source (``data.register_source``) when imported.  The data layer imports it when the name
+``generated`` is first used (``data.sources.DEFERRED_SOURCES``), so every entry point (``train.py`` and its DDP
+children, the studies, the evaluation, library code) can name the source without importing anything first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints import CKPT_KEY, file_sha256, load_checkpoint, load_denoiser
+from .data.sources import (
+    ImageSource,
+    SourceInfo,
+    float_to_uint8,
+    generated_cache_file,
+    read_generated,
+    register_source,
+    uint8_to_float,
+    write_generated,
+)
+
+__all__ = ["generated_source", "generated_cache_path", "GENERATED_DEFAULT_SEEDS"]
+
+#: default seeds of the ``generated`` source: from 1,000,000 on, disjoint from the evaluation seeds (0, 1, ...)
+GENERATED_DEFAULT_SEEDS = "1000000-1000255"
+
+
+def _checked_teacher(checkpoint: str | os.PathLike | None, seeds: str | int | list[int]) -> tuple[Path, list[int]]:
+    """The teacher checkpoint's path (which must exist) and the parsed seeds, or one sentence on what is wrong."""
+    from .sampling.noise import parse_seeds
+
+    if checkpoint is None:
+        raise ValueError("generated source: give the teacher checkpoint (source_kwargs checkpoint: PATH).")
+    ckpt = Path(checkpoint).expanduser()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"generated source: teacher checkpoint {ckpt} does not exist.")
+    try:
+        return ckpt, parse_seeds(seeds)
+    except ValueError as err:
+        raise ValueError(f"generated source: {err}") from None
+
+
+def _cache_path(ckpt: Path, sha: str, seeds: list[int], sampler: str, steps: int, guidance: float,
+                cache_dir: str | os.PathLike | None) -> Path:
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else ckpt.parent
+    return generated_cache_file(folder, ckpt.stem, sha, seeds, sampler, steps, guidance)
+
+
+def generated_cache_path(checkpoint: str | os.PathLike, seeds: str | int | list[int] = GENERATED_DEFAULT_SEEDS,
+                         sampler: str = "heun", steps: int = 18, guidance: float = 1.0,
+                         cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``generated_source`` caches the teacher's samples for these arguments:
+    ``<cache_dir or the checkpoint's folder>/<checkpoint stem>.generated_<hash>.npz`` (``generated_cache_file``)."""
+    ckpt, seed_list = _checked_teacher(checkpoint, seeds)
+    return _cache_path(ckpt, file_sha256(ckpt), seed_list, sampler, steps, guidance, cache_dir)
+
+
+def generated_source(checkpoint: str | os.PathLike | None = None,
+                     seeds: str | int | list[int] = GENERATED_DEFAULT_SEEDS, sampler: str = "heun",
+                     steps: int = 18, guidance: float = 1.0, cache_dir: str | os.PathLike | None = None,
+                     device: str = "auto", batch_size: int = 256) -> ImageSource:
+    """A teacher checkpoint's deterministic samples as a training source.
+
+    The teacher's EMA denoiser (``load_denoiser``) is sampled with ``sampling.sample`` at ``seeds`` (default
+    1,000,000-1,000,255, disjoint from evaluation seeds 0, 1, ...), with labels ``seed % num_classes`` when the
+    teacher is class-conditional (the source then carries those labels).  The uint8 images and their provenance
+    are cached in ``generated_cache_path(...)`` (by default next to the checkpoint), written atomically; a later
+    call with the same checkpoint contents and arguments reads the cache instead of sampling.  Images are returned
+    as the cache holds them (uint8 -> [-1, 1]), so the first and later calls give the same tensor.
+    """
+    ckpt, seed_list = _checked_teacher(checkpoint, seeds)
+    if len(set(seed_list)) != len(seed_list):
+        raise ValueError(f"generated source: seeds {seeds!r} repeat a seed; each training sample needs its own seed.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"generated source: steps must be a positive integer, got {steps!r}.")
+    sha = file_sha256(ckpt)  # read once: the cache's name and its check
+    path = _cache_path(ckpt, sha, seed_list, sampler, steps, guidance, cache_dir)
+    cached = read_generated(path, sha, seed_list) if path.is_file() else None
+    if cached is None:
+        cached = _generate(ckpt, sha, seed_list, sampler, steps, guidance, device, batch_size, path)
+    images, labels, num_classes = cached
+    lab = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
+    return ImageSource("generated", uint8_to_float(images), lab, num_classes)
+
+
+def _generate(ckpt: Path, sha: str, seeds: list[int], sampler: str, steps: int, guidance: float, device: str,
+              batch_size: int, path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Sample the teacher at ``seeds`` and write the cache file ``path``."""
+    from . import sampling  # looked up at call time (tests replace sampling.sample)
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    den, kernel = load_denoiser(ckpt, device)
+    meta = den.checkpoint_meta
+    num_classes = int(meta.get("num_classes") or 0)
+    if guidance != 1.0 and not num_classes:
+        raise ValueError(f"generated source: guidance={guidance} needs a class-conditional teacher, and {ckpt} "
+                         "is unconditional.")
+    labels = np.asarray(seeds, dtype=np.int64) % num_classes if num_classes else None
+    x = sampling.sample(den, kernel, seeds, tuple(meta["image_shape"]), sampler=sampler, steps=steps,
+                        labels=None if labels is None else torch.from_numpy(labels), guidance=guidance,
+                        batch_size=batch_size, device=device)
+    images = float_to_uint8(x)
+    write_generated(path, images, labels, num_classes, {
+        "seeds": np.asarray(seeds, dtype=np.int64),
+        "teacher_sha256": np.asarray(sha),
+        "teacher_checkpoint": np.asarray(str(ckpt.resolve())),
+        "sampler": np.asarray(str(sampler)),
+        "steps": np.asarray(int(steps), dtype=np.int64),
+        "guidance": np.asarray(float(guidance), dtype=np.float64),
+    })
+    return images, labels, num_classes
+
+
+def _generated_info(checkpoint: str | os.PathLike | None = None, seeds: str | int | list[int] = GENERATED_DEFAULT_SEEDS,
+                    **_) -> SourceInfo:
+    """The teacher's image shape and classes, from its checkpoint's metadata (nothing is sampled)."""
+    ckpt, seed_list = _checked_teacher(checkpoint, seeds)
+    meta = load_checkpoint(ckpt)[CKPT_KEY]
+    shape = meta.get("image_shape") if isinstance(meta, dict) else None
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+        raise ValueError(f"generated source: teacher checkpoint {ckpt} records no image_shape (C, H, W).")
+    num_classes = int(meta.get("num_classes") or 0)
+    counts = tuple(int(v) for v in np.bincount(np.asarray(seed_list) % num_classes, minlength=num_classes)) \
+        if num_classes else None  # the label of seed s is s % num_classes
+    return SourceInfo(tuple(int(v) for v in shape), num_classes, num_classes > 0, len(seed_list), counts)
+
+
+register_source("generated", generated_source, _generated_info)
