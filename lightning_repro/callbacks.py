@@ -222,7 +222,7 @@ def write_history(history: list[dict[str, float]], png: Path, title: str = "") -
     """``monitor.png`` (the curves against training steps) and ``monitor.csv`` beside it, both atomic."""
     from matplotlib.figure import Figure
 
-    from .viz import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

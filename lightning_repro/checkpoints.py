@@ -7,13 +7,13 @@ writes.  It is read with ``weights_only=True`` and may only *name* one of the re
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .files import file_sha256
 from .kernels import Kernel
 from .precond import Precond
 
@@ -86,10 +86,3 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return den, module.kernel
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 (hex) of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 import warnings
 from argparse import ArgumentError
@@ -35,6 +34,7 @@ from lightning.pytorch.loggers import WandbLogger
 from .checkpoints import load_checkpoint
 from .data import SubsetDataModule
 from .diffusion_module import DiffusionModule
+from .files import atomic_write
 from .kernels import get_kernel
 from .presets import ARCHS, RENAMED
 
@@ -119,23 +119,8 @@ class FinalSamples(Callback):
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` fills a temp file next to ``path``, which is then renamed to ``path``; on failure the temp file
-    is removed, ``path`` is left as it was and an ``OSError`` names ``path``."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as err:
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    """``files.atomic_write``: ``write(tmp)`` then rename; on failure nothing is left and the ``OSError`` names ``path``."""
+    atomic_write(path, write)
 
 
 class _AtomicSaveParser:

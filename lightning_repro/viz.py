@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .files import atomic_write_bytes
+
 __all__ = ["make_grid", "save_grid", "atomic_write_bytes"]
 
 
@@ -31,19 +33,6 @@ def make_grid(images: Tensor, nrow: int | None = None, pad: int = 1, scale: int 
         r, col = divmod(i, nrow)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
     return ((grid.permute(1, 2, 0) * 127.5 + 128).clamp(0, 255)).to(torch.uint8).numpy()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path`` and rename it; a failed write leaves no temp file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, **kw) -> Path:

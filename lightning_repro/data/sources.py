@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..files import atomic_write
 from .cifar import CIFAR_FOLDERS, CIFAR_URLS, download_cifar, read_cifar_batches
 
 __all__ = [
@@ -356,11 +357,12 @@ def write_generated(path: Path, images: np.ndarray, labels: np.ndarray | None, n
                                      "format": np.asarray(GENERATED_FORMAT)}
     if labels is not None:
         arrays["labels"] = labels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a name
+            np.savez(fh, **arrays)
+
+    atomic_write(path, save)
 
 
 SOURCES: dict[str, SourceKind] = {

@@ -1,6 +1,6 @@
 """Small helpers every evaluation module shares: JSON-safe values, compact seed text, checked writes under ``--out``.
 
-Writes are atomic (temp file + rename, ``viz.atomic_write_bytes``); a failed write (no permission, a full
+Writes are atomic (temp file + rename, ``files.atomic_write_bytes``); a failed write (no permission, a full
 disk) leaves no partial file and becomes one ``OSError`` sentence naming the file.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ..viz import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 __all__ = [
     "version",

@@ -52,7 +52,6 @@ its weights before it samples anything.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import warnings
@@ -62,6 +61,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..files import file_sha256 as sha256_file
 
 __all__ = [
     "Descriptor",
@@ -294,15 +295,6 @@ def pixel_calibration(n_random: int = 2000, seed: int = 0, threshold: float | No
 
 
 # ----------------------------------------------------------------------------- SSCD descriptor
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_sha256(sha256: str | None) -> str | None:

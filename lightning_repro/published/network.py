@@ -11,7 +11,6 @@ DiT options) only the ``edm:`` / ``uvit:`` / ``dit:`` references read it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..files import file_sha256 as sha256_of
 from ..kernels import get_kernel
 from ..precond import Precond, get_precond
 
@@ -76,15 +76,6 @@ class PublishedNet:
         """``D(x, sigma, labels)``: the network under its preconditioning."""
         kernel = get_kernel(self.kernel_spec["name"], **(self.kernel_spec.get("kwargs") or {}))
         return get_precond(self.precond, self.build(), kernel).to(device).eval()
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (the provenance of a published model)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _first(keys: list[str]) -> str:

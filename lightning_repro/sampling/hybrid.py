@@ -129,7 +129,7 @@ def _write(rows: list[dict[str, float]], out: Path, title: str) -> None:
     """``hybrid.csv`` and ``hybrid.png``: RP vs sigma_switch on a log axis; sigma_switch = 0 as a dashed line."""
     from matplotlib.figure import Figure
 
-    from ..viz import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -1,5 +1,5 @@
 """What a study writes: CSV tables, PNG figures, ``.npz`` / tensor files (all atomically, through
-``viz.atomic_write_bytes``: a temp file and a rename), the plain-text table of its log, and one W&B run per study
+``files.atomic_write_bytes``: a temp file and a rename), the plain-text table of its log, and one W&B run per study
 result (the table, the figures and a summary, in the study's group; offline without credentials).
 """
 
@@ -24,7 +24,7 @@ def log(msg: str) -> None:
 
 def atomic_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` (temp file + rename, parents created); returns the path."""
-    from ..viz import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     atomic_write_bytes(path, data)
     return Path(path)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write
 from .outputs import atomic_bytes, log
 from .protocol import positive_int
 
@@ -176,11 +177,7 @@ def _train_job(job: TrainJob) -> dict[str, Any]:
         trainer = L.Trainer(**kw)
         trainer.fit(module, datamodule=dm)
     loss = trainer.callback_metrics.get("train/loss")
-    ckpt = Path(job.ckpt)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp{os.getpid()}")
-    trainer.save_checkpoint(tmp, weights_only=True)
-    os.replace(tmp, ckpt)
+    atomic_write(job.ckpt, lambda tmp: trainer.save_checkpoint(tmp, weights_only=True))
     meta = {"name": job.name, "steps": int(trainer.global_step), "train_seconds": round(time.time() - t0, 1),
             "final_loss": float(loss) if loss is not None else float("nan")}
     atomic_bytes(job.meta_path, json.dumps(meta).encode())
