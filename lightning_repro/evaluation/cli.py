@@ -18,7 +18,7 @@ import torch
 
 from ..sampling import GRIDS, SAMPLERS, parse_seeds
 from ..viz import save_grid
-from .common import output_folder, seed_text, version, write_json, writing
+from .common import exit_with_sentence, output_folder, seed_text, version, write_json, writing
 from .distributed import finish_distributed, init_distributed, is_main
 from .references import Reference, resolve_model, resolve_models, training_key
 from .report import heatmap, log_wandb, print_matrix, print_pair, write_csv
@@ -468,13 +468,6 @@ def _run(argv: list[str], log=print):
     return (run_pair if args.pair is not None else run_matrix)(args, options, seeds, log)
 
 
-def _sentence(err: Exception) -> str:
-    if isinstance(err, OSError) and err.errno is not None and err.strerror:  # a raw OS error, e.g. of mkdir
-        where = f" {err.filename}" if err.filename else ""
-        return f"could not use{where} ({err.strerror.lower()})."
-    return str(err)
-
-
 def main(argv: Sequence[str] | None = None):
     """Entry point of ``evaluate.py``; bad input ends with ``SystemExit`` (status 2) whose text is one sentence."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -482,10 +475,6 @@ def main(argv: Sequence[str] | None = None):
     try:
         return _run(argv, log=lambda msg: print(msg, flush=True))
     except (ValueError, OSError) as err:
-        msg = f"error: {_sentence(err)}"
-        print(msg, file=sys.stderr, flush=True)
-        exc = SystemExit(msg)
-        exc.code = 2
-        raise exc from None
+        raise exit_with_sentence(err) from None
     finally:
         finish_distributed(created)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -116,3 +117,20 @@ def output_folder(out: str | os.PathLike) -> Path:
             probe.unlink(missing_ok=True)
         raise OSError(f"--out {path} is not a writable folder ({_reason(err)}).") from None
     return path
+
+
+def sentence(err: Exception) -> str:
+    """The one sentence a command prints for ``err`` (a raw ``OSError`` of e.g. ``mkdir`` names its file)."""
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        where = f" {err.filename}" if err.filename else ""
+        return f"could not use{where} ({err.strerror.lower()})."
+    return str(err)
+
+
+def exit_with_sentence(err: Exception) -> SystemExit:
+    """Print ``error: <sentence>`` to stderr and return the ``SystemExit`` (status 2) for the caller to raise."""
+    msg = f"error: {sentence(err)}"
+    print(msg, file=sys.stderr, flush=True)
+    exc = SystemExit(msg)
+    exc.code = 2
+    return exc

@@ -18,7 +18,6 @@ import argparse
 import csv
 import io
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -161,11 +160,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     try:
         return run(args, log=lambda m: print(m, flush=True))
     except (ValueError, OSError) as err:
-        msg = f"error: {err}"
-        print(msg, file=sys.stderr, flush=True)
-        exc = SystemExit(msg)
-        exc.code = 2
-        raise exc from None
+        from ..evaluation.common import exit_with_sentence  # the evaluation CLI's one-sentence exit
+
+        raise exit_with_sentence(err) from None
 
 
 if __name__ == "__main__":
