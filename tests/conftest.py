@@ -23,3 +23,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread_module")``):
+    tiny tensors, where intra-op threads only add spin-wait overhead on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -25,12 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "4", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest: one torch thread per module
 
 
 def _train(module, path: Path) -> str:

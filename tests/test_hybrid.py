@@ -16,13 +16,7 @@ from lightning_repro.sampling import sample
 from lightning_repro.sampling.hybrid import SwitchedDenoiser, main
 from lightning_repro.theory import EmpiricalOptimalDenoiser
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,7 @@ MONITOR_YAML = """trainer:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest: one torch thread per module
 
 
 def _numpy_statistics(images: np.ndarray) -> dict[str, float]:

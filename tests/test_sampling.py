@@ -30,13 +30,7 @@ from lightning_repro.sampling.solvers import (
 S_MAX, S_MIN, C = 80.0, 0.002, 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add spin-wait overhead (badly so on a loaded 2-core machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest: one torch thread per module
 
 
 # -- closed-form denoisers ------------------------------------------------------------------------------------
