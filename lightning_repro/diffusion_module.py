@@ -12,6 +12,7 @@ compatibility check of a resumed or ``init_from`` checkpoint: ``finetune.FineTun
 from __future__ import annotations
 
 import copy
+import math
 import hashlib
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -49,6 +50,8 @@ class DiffusionModule(FineTuning, L.LightningModule):
         image_shape: C, H, W (linked from the data module by the CLI).
         num_classes: 0 for unconditional (linked from ``data.conditional``).
         lr, weight_decay, betas, warmup_steps: AdamW with linear warm-up.
+        lr_decay: ``constant`` (EDM) or ``cosine``: after the warm-up, half a cosine from ``lr`` to 0 at
+            ``trainer.max_steps`` (Loshchilov & Hutter 2017), which averages the last steps' gradient noise away.
         ema_halflife_kimg, ema_rampup_ratio: EMA half-life in thousands of images (Karras et al. 2022).
         label_dropout: probability of replacing the label by the null class (classifier-free guidance).
         val_sampler, val_steps: deterministic sampler for the validation grid.
@@ -79,6 +82,7 @@ class DiffusionModule(FineTuning, L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        lr_decay: str = "constant",
         ema_halflife_kimg: float = 0.5,
         ema_rampup_ratio: float | None = 0.05,
         label_dropout: float = 0.0,
@@ -92,6 +96,8 @@ class DiffusionModule(FineTuning, L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}.")
         self.kernel = get_kernel(kernel, **(kernel_kwargs or {}))
         self.image_shape = tuple(int(v) for v in image_shape)
         self.num_classes = int(num_classes)
@@ -228,9 +234,20 @@ class DiffusionModule(FineTuning, L.LightningModule):
             params = [p for p in params if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
                                 weight_decay=self.hparams.weight_decay, fused=fused or None)
-        warm = int(self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of optimiser step ``step`` over ``lr``: linear warm-up, then ``lr_decay``."""
+        warm, decay = int(self.hparams.warmup_steps), self.hparams.get("lr_decay", "constant")
+        factor = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        total = int(self.trainer.max_steps) if self._trainer is not None else -1
+        if decay == "cosine":
+            if total <= warm:
+                raise ValueError(f"lr_decay 'cosine' needs trainer.max_steps > warmup_steps ({warm}), got {total}.")
+            progress = min(1.0, max(0.0, (step - warm) / (total - warm)))
+            factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+        return factor
 
     # -- validation: a fixed-seed sample grid with the EMA denoiser -------------------------
     def sample(self, seeds, labels=None, sampler: str | None = None, steps: int | None = None, **kw) -> Tensor:
