@@ -1,4 +1,6 @@
-"""The ``generated`` data source: a teacher checkpoint's own deterministic samples as training images (model
+"""Teachers: the ``generated`` data source and the frozen teacher of a distillation (``load_teacher``).
+
+The ``generated`` data source: a teacher checkpoint's own deterministic samples as training images (model
 recovery, Zhang et al. 2024, Sec. 3.2.1, Case 2: a student trained on a teacher's samples).
 
 The data layer defines the source registry and the cache file (``data.sources.generated_cache_file``,
@@ -11,7 +13,9 @@ children, the studies, the evaluation, library code) can name the source without
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +32,7 @@ from .data.sources import (
     write_generated,
 )
 
-__all__ = ["generated_source", "generated_cache_path", "GENERATED_DEFAULT_SEEDS"]
+__all__ = ["generated_source", "generated_cache_path", "GENERATED_DEFAULT_SEEDS", "Teacher", "load_teacher"]
 
 #: default seeds of the ``generated`` source: from 1,000,000 on, disjoint from the evaluation seeds (0, 1, ...)
 GENERATED_DEFAULT_SEEDS = "1000000-1000255"
@@ -136,3 +140,41 @@ def _generated_info(checkpoint: str | os.PathLike | None = None, seeds: str | in
 
 
 register_source("generated", generated_source, _generated_info)
+
+
+# ---------------------------------------------------------------------------- teachers of the distillations
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher of a distillation (consistency distillation, progressive distillation): its
+    ``Denoiser`` in the EDM variable, the kernel it was trained under and its provenance (for W&B and checkpoints)."""
+
+    denoiser: Any
+    kernel: Any
+    provenance: dict[str, Any]
+
+
+def load_teacher(spec: str, image_shape, num_classes: int = 0, data: dict[str, Any] | None = None,
+                 device: str | torch.device = "cpu") -> Teacher:
+    """Any model spec the evaluation takes (a suite checkpoint, ``optimal:[data spec]``, ``edm:``, ``diffusers:``,
+    ...) as a ``Teacher`` for a student of ``image_shape`` / ``num_classes``; ``data`` (the student's
+    ``SubsetDataModule`` kwargs) is what ``optimal:`` without a source means.  A teacher of another image shape or
+    class count is refused with one sentence."""
+    from types import SimpleNamespace
+
+    from .evaluation.references import resolve_model
+
+    partner = SimpleNamespace(data=dict(data) if data is not None else None, kernel_spec=None)
+    ref = resolve_model(str(spec), partner)
+    shape, want = tuple(int(v) for v in ref.image_shape), tuple(int(v) for v in image_shape)
+    if shape != want:
+        raise ValueError(f"teacher {spec} makes {'x'.join(map(str, shape))} images but the student's data are "
+                         f"{'x'.join(map(str, want))}; a teacher must make images of the student's shape.")
+    if int(ref.num_classes) != int(num_classes):
+        raise ValueError(f"teacher {spec} has {ref.num_classes} classes but the student's data have {num_classes}; "
+                         "a teacher must be conditioned on the student's classes (0: unconditional).")
+    den = ref.denoiser(torch.device(device))
+    if isinstance(den, torch.nn.Module):
+        den.requires_grad_(False).eval()
+    return Teacher(denoiser=den, kernel=ref.kernel(), provenance={**ref.describe(), "sha256": ref.sha256})
