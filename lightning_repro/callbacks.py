@@ -199,7 +199,10 @@ class ReproducibilityMonitor(Callback):
         measured = self.history and self.history[-1]["step"] == step
         last = trainer.max_steps is not None and step >= trainer.max_steps > 0
         if step > 0 and not measured and (step % self.every_n_steps == 0 or last):
-            self._log(trainer, pl_module, self.measure(trainer, pl_module))
+            row = self.measure(trainer, pl_module)
+            self._log(trainer, pl_module, row)
+            if trainer.is_global_zero and not trainer.progress_bar_callback:  # no bar shows it: one line per row
+                print(f"monitor step {step}: " + " ".join(f"{k}={row[k]:.4f}" for k in MONITOR_KEYS), flush=True)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or not self.history:

@@ -1,29 +1,32 @@
 """The README's main job: model reproducibility on the embedded digits, end to end, on a laptop CPU.
 
-Zhang et al. (ICML 2024), Sec. 2-3 in miniature: two *different* families -- the DDPM++ U-Net of EDM
-(``DDPMpp`` preset; family ``edm``) and DiT -- are trained on a small nested subset of the digits
-(memorization regime) and on all 1,797 of them (generalization regime), each model is sampled from the same seeds with the deterministic
-EDM Heun sampler, and ``evaluate.py --pair`` scores them:
+Zhang et al. (ICML 2024), Sec. 2-3 in miniature: two *different* families -- the DDPM++ U-Net (``DDPMpp``) and
+a multi-token DiT (2x2 patches on 8x8 digits: 16 tokens) -- are trained on a small nested subset of the digits
+(memorization regime) and on all 1,797 of them (generalization regime) with the live ``ReproducibilityMonitor``,
+every model is sampled from the same seeds with the deterministic EDM Heun sampler, and ``evaluate.py --matrix``
+scores the two families and the optimal denoiser of the subset (Prop. 1) against each other:
 
-* RP   the fraction of seeds whose two samples are near-copies of each other (pixel descriptor: normalised
-       correlation of centred pixels, threshold 0.97; SSCD is meaningless at 8x8),
+* RP   the fraction of seeds whose two samples are near-copies of each other (the suite's default descriptor for
+       8x8 grey images, pixel: normalised correlation of centred pixels, at its calibrated threshold 0.97),
+* null the same RP between the two families on *different* seeds (seed k against seed k+1): chance agreement,
 * GL   per model, the fraction of samples that are *not* near-copies of a training image of its subset.
 
-Expected at this scale: at small N both families reproduce their training images (GL ~ 0) and agree
-(high RP); at N = 1797 they generate new digits (GL high) and agree less (short training; the paper's
-RP rises again with far longer training at CIFAR scale).
+The paper's claim: at small N both families memorise (GL ~ 0) and converge to the optimal denoiser (RP against it
+high, so RP between them high); at large N they generate new digits (GL ~ 1) and still agree with each other.
 
     python -m lightning_repro.demo [--out runs/demo] [--sizes 16 1797] [--steps N] [--seeds 0-255]
 
-Trainings go through the same CLI as ``train.py`` (checkpoints, W&B offline logging, sample grids), two at
-a time with one CPU thread each (``--parallel``, ``--threads``), and are skipped when their ``last.ckpt``
-exists; samples are cached by ``evaluate.py``.  Ends with a table (one
-line per model) and a one-line summary.
+Training recipes: ``configs/train/demo_ddpmpp.yaml`` and ``configs/train/demo_dit.yaml`` (their comments say why).
+Trainings go through the same CLI as ``train.py`` (checkpoints, W&B offline logging, sample grids, the monitor's
+``monitor.png``), two at a time with one CPU thread each (``--parallel``, ``--threads``), and are skipped when their
+``last.ckpt`` exists; samples are cached by ``evaluate.py``.  Ends with a table, ``DIR/monitor.png`` (every model's
+RP against the optimal denoiser over training) and a one-line summary of what it showed.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import subprocess
 import sys
@@ -34,36 +37,28 @@ import torch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 
-#: the two families (small widths so four trainings fit a few CPU minutes)
-FAMILIES = {
-    "edm": ["--config", str(CONFIGS / "digits_ddpmpp.yaml"), "--model.init_args.model_channels", "16",
-            "--model.init_args.channel_mult", "[1,2]", "--model.init_args.attn_resolutions", "[]"],
-    "dit": ["--config", str(CONFIGS / "digits_dit.yaml"), "--model.init_args.hidden_size", "64",
-            "--model.init_args.depth", "4", "--model.init_args.num_heads", "4"],
-}
+#: the two families: training config and steps (the DiT's step is ~2x cheaper than the U-Net's)
+FAMILIES = {"ddpmpp": (CONFIGS / "demo_ddpmpp.yaml", 1600), "dit": (CONFIGS / "demo_dit.yaml", 2400)}
 
 
-DEFAULT_STEPS = {"edm": 1600, "dit": 2400}  # DiT steps are ~2x cheaper and it memorises more slowly
-
-
-def train_command(family: str, size: int, steps: int, root: Path, batch_size: int) -> list[str]:
-    """The ``train.py fit`` command line of one demo model."""
-    return [sys.executable, "-m", "lightning_repro.cli", "fit", *FAMILIES[family],
-            "--data.size", str(size), "--data.batch_size", str(batch_size),
-            "--model.init_args.kernel", "edm", "--model.init_args.lr", "0.002",
-            "--model.init_args.ema_halflife_kimg", "2", "--trainer.max_steps", str(steps),
-            "--trainer.val_check_interval", str(steps), "--data.val_seeds", "16",
-            "--checkpoint.every_n_train_steps", str(steps), "--final_samples.num_samples", "64",
+def train_command(family: str, size: int, steps: int, root: Path, batch_size: int, monitor_every: int) -> list[str]:
+    """The ``train.py fit`` command line of one demo model (its recipe is the family's config)."""
+    return [sys.executable, "-m", "lightning_repro.cli", "fit", "--config", str(FAMILIES[family][0]),
+            "--data.size", str(size), "--data.batch_size", str(batch_size), "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(steps), "--checkpoint.every_n_train_steps", str(steps),
+            "--trainer.callbacks.every_n_steps", str(monitor_every),
+            "--model.init_args.warmup_steps", str(min(100, steps // 10)),  # the recipe's 100, shorter for toy runs
             "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.group", "demo",
             "--trainer.enable_progress_bar", "false"]
 
 
-def train_all(jobs: list[tuple[str, int, int, Path]], batch_size: int, parallel: int, threads: int) -> None:
+def train_all(jobs: list[tuple[str, int, int, Path]], batch_size: int, parallel: int, threads: int,
+              monitor_every: int) -> None:
     """Run the trainings not finished yet, ``parallel`` at a time (one CPU thread each by default)."""
     todo = [j for j in jobs if not (j[3] / "checkpoints" / "last.ckpt").is_file()]
-    for fam, n, _, root in jobs:
-        if (fam, n, _, root) not in todo:
-            print(f"[demo] {fam} N={n}: reusing {root / 'checkpoints' / 'last.ckpt'}", flush=True)
+    for job in jobs:
+        if job not in todo:
+            print(f"[demo] {job[0]} N={job[1]}: reusing {job[3] / 'checkpoints' / 'last.ckpt'}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     running: list[tuple[subprocess.Popen, str, Path]] = []
     while todo or running:
@@ -73,7 +68,7 @@ def train_all(jobs: list[tuple[str, int, int, Path]], batch_size: int, parallel:
             log = root / "train.log"
             print(f"[demo] training {fam} on N={n} digits for {steps} steps (log: {log})", flush=True)
             with open(log, "w") as fh:
-                proc = subprocess.Popen(train_command(fam, n, steps, root, batch_size), stdout=fh,
+                proc = subprocess.Popen(train_command(fam, n, steps, root, batch_size, monitor_every), stdout=fh,
                                         stderr=subprocess.STDOUT, env=env)
             running.append((proc, f"{fam} N={n}", log))
         time.sleep(0.5)
@@ -92,16 +87,97 @@ def train_all(jobs: list[tuple[str, int, int, Path]], batch_size: int, parallel:
             print(f"[demo] {name}: {done[-1] if done else 'finished'}", flush=True)
 
 
+def null_baseline(out: Path, ckpts: list[Path], seeds: str) -> float:
+    """RP between the two families on different seeds (seed k of A against seed k+1 of B), from the cached
+    samples of the ``--matrix`` run: the agreement two unrelated samplings reach by chance."""
+    from .evaluation import SamplingOptions, choose_descriptor, featurize, resolve_models
+    from .evaluation.scoring import rp
+    from .metrics import get_descriptor
+    from .sampling import parse_seeds
+
+    refs = resolve_models([str(c) for c in ckpts])
+    opts, seed_list = SamplingOptions(progress=False), parse_seeds(seeds)
+    sets = [r.samples_at(seed_list, out, opts, log=lambda _: None) for r in refs]
+    d = get_descriptor(choose_descriptor(None, refs[0].image_shape)[0])
+    fa, fb = (featurize(d, s.images).features for s in sets)
+    return rp(fa, fb.roll(-1, 0), d.default_threshold)
+
+
+def monitor_figure(out: Path, rows: list[dict]) -> Path:
+    """``DIR/monitor.png``: every model's RP against the optimal denoiser (and GL) over its training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for r in rows:
+        with open(r["monitor_csv"]) as fh:
+            hist = list(csv.DictReader(fh))
+        steps = [int(h["step"]) for h in hist]
+        for ax, key in zip(axes, ("rp", "gl")):
+            ax.plot(steps, [float(h[key]) for h in hist], marker="o", ms=3, label=f"{r['family']} N={r['N']}")
+    axes[0].set_title("RP against the optimal denoiser")
+    axes[1].set_title("GL against the training subset")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "monitor.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def score_size(out: Path, n: int, families: list[str], seeds: str) -> dict:
+    """``--matrix ddpmpp dit optimal: --gl`` at size ``n``, plus the different-seed null baseline."""
+    from .evaluation import main as evaluate_main
+
+    ckpts = [out / f"{f}_N{n}" / "checkpoints" / "last.ckpt" for f in families]
+    res = evaluate_main(["--matrix", *map(str, ckpts), "optimal:", "--seeds", seeds, "--gl",
+                         "--out", str(out / f"matrix_N{n}"), "--no-progress"])
+    rp = res["rp"]
+    return {"N": n, "rp_pair": rp[0][1], "rp_optimal": [rp[0][2], rp[1][2]], "gl": res["gl"][:2],
+            "null": null_baseline(out / f"matrix_N{n}", ckpts, seeds), "descriptor": res["descriptor"],
+            "threshold": res["threshold"], "matrix": str(out / f"matrix_N{n}" / "rp_matrix.png")}
+
+
+def summary(sizes: list[dict], families: list[str]) -> str:
+    """One line naming what the run showed, from its own numbers."""
+    parts = []
+    for s in sizes:
+        regime = "memorise" if max(s["gl"]) < 0.5 else "generate new digits" if min(s["gl"]) > 0.5 else "mixed"
+        parts.append(f"N={s['N']}: both {regime} (GL {s['gl'][0]:.2f}/{s['gl'][1]:.2f}), RP vs optimal "
+                     f"{s['rp_optimal'][0]:.2f}/{s['rp_optimal'][1]:.2f}, RP({'-'.join(families)}) "
+                     f"{s['rp_pair']:.2f} against a different-seed null of {s['null']:.2f}")
+    return "shown: " + "; ".join(parts)
+
+
+def print_table(sizes: list[dict], families: list[str]) -> None:
+    pair = "-".join(families)
+    print(f"\n{'N':>5}  {'model':7}  {'RP vs optimal':>13}  {'GL':>5}  {'RP(' + pair + ')':>14}  "
+          f"{'null (other seeds)':>18}")
+    for s in sizes:
+        for i, fam in enumerate(families):
+            shared = f"{s['rp_pair']:>14.3f}  {s['null']:>18.3f}" if i == 0 else f"{'':>14}  {'':>18}"
+            print(f"{s['N']:>5}  {fam:7}  {s['rp_optimal'][i]:>13.3f}  {s['gl'][i]:>5.3f}  {shared}")
+    print(f"descriptor: {sizes[0]['descriptor']} at threshold {sizes[0]['threshold']:g} (the suite's calibrated "
+          "default, metrics/descriptors.py)")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--sizes", type=int, nargs="+", default=[16, 1797])
-    p.add_argument("--families", nargs=2, default=["edm", "dit"], choices=list(FAMILIES))
+    p.add_argument("--families", nargs=2, default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--steps", type=int, default=None, help="training steps of every model "
-                   f"(default: {DEFAULT_STEPS})")
+                   f"(default: {', '.join(f'{k} {v[1]}' for k, v in FAMILIES.items())})")
     p.add_argument("--parallel", type=int, default=2, help="trainings run at the same time (one per core)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seeds", default="0-255")
+    p.add_argument("--monitor-every", type=int, default=400, help="steps between the monitor's measurements")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 by default: tiny nets gain little from 2, and lose a lot when "
                         "another process competes for the cores)")
@@ -109,26 +185,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
-    from .evaluation import main as evaluate_main
 
-    t0, out, rows = time.time(), Path(a.out), []
-    jobs = [(f, n, a.steps or DEFAULT_STEPS[f], out / f"{f}_N{n}") for n in a.sizes for f in a.families]
-    train_all(jobs, a.batch_size, a.parallel, max(a.threads, 1))
-    for n in a.sizes:
-        ckpts = [out / f"{f}_N{n}" / "checkpoints" / "last.ckpt" for f in a.families]
-        res = evaluate_main(["--pair", *map(str, ckpts), "--seeds", a.seeds, "--gl", "--descriptor", "pixel",
-                             "--out", str(out / f"pair_N{n}"), "--no-progress"])
-        for fam, gl in zip(a.families, (res["gl_a"], res["gl_b"])):
-            rows.append({"N": n, "family": fam, "rp": res["rp"], "sim": res["mean_similarity"], "gl": gl,
-                         "mae": res["mae_mean"],
-                         "grid": str(out / f"pair_N{n}" / "pair.png")})
-    pair = "(" + "-".join(a.families) + ")"
-    print(f"\n{'N':>5}  {'family':6}  {'RP' + pair:>12}  {'sim' + pair:>13}  {'GL':>5}  {'MAE':>5}  grid")
-    for r in rows:
-        print(f"{r['N']:>5}  {r['family']:6}  {r['rp']:>12.3f}  {r['sim']:>13.3f}  {r['gl']:>5.3f}  {r['mae']:>5.1f}  "
-              f"{r['grid']}")
+    t0, out = time.time(), Path(a.out)
+    jobs = [(f, n, a.steps or FAMILIES[f][1], out / f"{f}_N{n}") for n in a.sizes for f in a.families]
+    train_all(jobs, a.batch_size, a.parallel, max(a.threads, 1), a.monitor_every)
+    sizes = [score_size(out, n, a.families, a.seeds) for n in a.sizes]
+    rows = [{"N": s["N"], "family": f, "rp_optimal": s["rp_optimal"][i], "gl": s["gl"][i], "rp_pair": s["rp_pair"],
+             "null": s["null"], "monitor_csv": str(out / f"{f}_N{s['N']}" / "monitor.csv")}
+            for s in sizes for i, f in enumerate(a.families)]
+    print_table(sizes, a.families)
+    fig = monitor_figure(out, rows)
     print(f"done: {len(rows)} models, {len(a.sizes)} sizes, seeds {a.seeds}, {time.time() - t0:.0f}s | "
-          f"results: {out}/pair_N*/results.json | sample grids: {out}/*/samples/final.png", flush=True)
+          f"matrices: {out}/matrix_N*/rp_matrix.png | monitor curves: {fig} | sample grids: {out}/*/samples/final.png")
+    print(summary(sizes, a.families), flush=True)
     return rows
 
 
