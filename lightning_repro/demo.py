@@ -38,7 +38,7 @@ import torch
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 
 #: the two families: training config and steps (the DiT's step is ~2x cheaper than the U-Net's)
-FAMILIES = {"ddpmpp": (CONFIGS / "demo_ddpmpp.yaml", 1600), "dit": (CONFIGS / "demo_dit.yaml", 2400)}
+FAMILIES = {"ddpmpp": (CONFIGS / "demo_ddpmpp.yaml", 2400), "dit": (CONFIGS / "demo_dit.yaml", 3200)}
 
 
 def train_command(family: str, size: int, steps: int, root: Path, batch_size: int, monitor_every: int) -> list[str]:

@@ -50,14 +50,17 @@ def test_shipped_config_grid_and_checkpoint_names():
     assert len(points) == len(g["size"]) * len(g["family"]) * len(g["width"]) * len(g["seed"])
     assert [p.size for p in points] == sorted(p.size for p in points)  # the cheap end of the curve first
     assert all(n & (n - 1) == 0 for n in g["size"])  # powers of two
-    p = sweep.GridPoint("dit", 128, 64, 0)
-    assert str(p) == "dit_w128_N64_s0"
+    p = sweep.GridPoint("dit", 64, 64, 0)
+    assert str(p) == "dit_w64_N64_s0"
     job = sweep.point_job(cfg, p, (1, 8, 8))
-    assert Path(job.ckpt).name == f"dit_w128_N64_s0_{sweep.run_key(cfg, p)}.ckpt"
-    assert job.arch == {"class_path": "DiT", "init_args": {"patch_size": 8, "depth": 3, "num_heads": 4,
-                                                             "hidden_size": 128}}
+    assert Path(job.ckpt).name == f"dit_w64_N64_s0_{sweep.run_key(cfg, p)}.ckpt"
+    assert job.arch == {"class_path": "DiT", "init_args": {"patch_size": 2, "depth": 4, "num_heads": 4,
+                                                             "hidden_size": 64}}  # 16 tokens on 8 x 8
+    unet = sweep.point_job(cfg, sweep.GridPoint("ddpmpp", 64, 64, 0), (1, 8, 8))
+    assert unet.arch["init_args"]["model_channels"] == 16  # width 64 / width_divisor 4
+    assert unet.module_kwargs["lr_decay"] == "cosine"
     assert job.data_kwargs["size"] == 64 and job.module_kwargs["seed"] == 0
-    assert job.wandb["group"] == "phase_transition" and job.wandb["config"]["width"] == 128
+    assert job.wandb["group"] == "phase_transition" and job.wandb["config"]["width"] == 64
     # the key follows what determines the model (not W&B switches)
     changed = studies.deep_merge(cfg, {"train": {"lr": 1e-3}})
     assert sweep.run_key(changed, p) != sweep.run_key(cfg, p)
@@ -162,6 +165,11 @@ def test_bad_input_one_sentence(tmp_path, capsys):
     path = tiny_config(tmp_path, grid={"size": [8], "family": ["gan"], "width": [8], "seed": [0]})
     with pytest.raises(SystemExit, match=r"^error: grid.family has \['gan'\], which families does not define"):
         sweep.main(["--config", str(path)])
+    path = tiny_config(tmp_path)
+    bad = {"dit": {**TINY["families"]["dit"], "width_divisor": 3}}
+    with pytest.raises(SystemExit, match=r"families.dit.width_divisor must be a positive integer dividing every "
+                                         r"grid.width \[8\], got 3"):
+        sweep.main(["--config", str(tiny_config(tmp_path, families=bad))])
     path = tiny_config(tmp_path)
     with pytest.raises(SystemExit, match="--train-point needs --family, --width, --size and --seed"):
         sweep.main(["--config", str(path), "--train-point", "--family", "dit"])

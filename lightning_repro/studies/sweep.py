@@ -106,6 +106,10 @@ def _check(cfg: dict[str, Any]) -> None:
     for name, fam in cfg["families"].items():
         if not isinstance(fam, dict) or "class_path" not in fam or "width_arg" not in fam:
             raise ValueError(f"families.{name} must be a mapping with class_path, width_arg and init_args.")
+        div = fam.get("width_divisor", 1)
+        if not isinstance(div, int) or isinstance(div, bool) or div < 1 or any(w % div for w in grid["width"]):
+            raise ValueError(f"families.{name}.width_divisor must be a positive integer dividing every grid.width "
+                             f"{grid['width']}, got {div!r}.")
     check_seed_count(cfg["sample"]["seeds"])
 
 
@@ -118,8 +122,9 @@ def grid_points(cfg: dict[str, Any]) -> list[GridPoint]:
 
 def _arch_spec(cfg: dict[str, Any], point: GridPoint) -> dict[str, Any]:
     fam = cfg["families"][point.family]
+    width = point.width // int(fam.get("width_divisor", 1))  # e.g. a U-Net's channels for a transformer's width
     return {"class_path": fam["class_path"],
-            "init_args": {**dict(fam.get("init_args") or {}), fam["width_arg"]: point.width}}
+            "init_args": {**dict(fam.get("init_args") or {}), fam["width_arg"]: width}}
 
 
 def run_key(cfg: dict[str, Any], point: GridPoint) -> str:
