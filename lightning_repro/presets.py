@@ -13,8 +13,9 @@ from torch import nn
 
 from .diffusion_module import DiffusionModule
 from .multistage import Multistage  # the multi-decoder DDPM++ (Zhang et al. 2024)
+from .progressive import ProgressiveDistillation  # a training procedure over the presets (Salimans & Ho 2022)
 
-__all__ = ["DDPM", "DDPMpp", "EDM", "UViT", "DiT", "Multistage", "ARCHS", "RENAMED"]
+__all__ = ["DDPM", "DDPMpp", "EDM", "UViT", "DiT", "Multistage", "ProgressiveDistillation", "ARCHS", "RENAMED"]
 
 
 def _unet_kwargs(model_channels, channel_mult, num_blocks, attn_resolutions, dropout) -> dict[str, Any]:
@@ -123,6 +124,6 @@ class DiT(DiffusionModule):
 
 #: name -> preset; ``edm`` is the deprecated alias of ``ddpmpp`` (old configs and checkpoints name it)
 ARCHS: dict[str, type[DiffusionModule]] = {"ddpm": DDPM, "ddpmpp": DDPMpp, "edm": EDM, "uvit": UViT, "dit": DiT,
-                                           "multistage": Multistage}
+                                           "multistage": Multistage, "progressive": ProgressiveDistillation}
 #: old preset name -> its new name (the old one keeps working, with a FutureWarning)
 RENAMED: dict[str, str] = {"EDM": "DDPMpp"}
