@@ -12,8 +12,10 @@ from typing import Any
 from torch import nn
 
 from .diffusion_module import DiffusionModule
+from .multistage import Multistage  # the multi-decoder DDPM++ (Zhang et al. 2024)
+from .progressive import ProgressiveDistillation  # a training procedure over the presets (Salimans & Ho 2022)
 
-__all__ = ["DDPM", "DDPMpp", "EDM", "UViT", "DiT", "ARCHS", "RENAMED"]
+__all__ = ["DDPM", "DDPMpp", "EDM", "UViT", "DiT", "Multistage", "ProgressiveDistillation", "ARCHS", "RENAMED"]
 
 
 def _unet_kwargs(model_channels, channel_mult, num_blocks, attn_resolutions, dropout) -> dict[str, Any]:
@@ -121,6 +123,7 @@ class DiT(DiffusionModule):
 
 
 #: name -> preset; ``edm`` is the deprecated alias of ``ddpmpp`` (old configs and checkpoints name it)
-ARCHS: dict[str, type[DiffusionModule]] = {"ddpm": DDPM, "ddpmpp": DDPMpp, "edm": EDM, "uvit": UViT, "dit": DiT}
+ARCHS: dict[str, type[DiffusionModule]] = {"ddpm": DDPM, "ddpmpp": DDPMpp, "edm": EDM, "uvit": UViT, "dit": DiT,
+                                           "multistage": Multistage, "progressive": ProgressiveDistillation}
 #: old preset name -> its new name (the old one keeps working, with a FutureWarning)
 RENAMED: dict[str, str] = {"EDM": "DDPMpp"}

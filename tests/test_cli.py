@@ -137,6 +137,10 @@ TRAIN_EXPECTED = {
     "digits_dit.yaml": ("DiT", "edm", "digits", 64, 1500),
     "cifar10_ddpmpp_vp.yaml": ("DDPMpp", "vp", "cifar10", 128, 390625),
     "cifar10_ddpmpp64_vp.yaml": ("DDPMpp", "vp", "cifar10", 128, 390625),
+    "digits_multistage.yaml": ("Multistage", "edm", "digits", 64, 1500),
+    "cifar10_multistage.yaml": ("Multistage", "edm", "cifar10", 32, 1562500),
+    "digits_progressive.yaml": ("ProgressiveDistillation", "edm", "digits", 64, 1000),
+    "cifar10_progressive.yaml": ("ProgressiveDistillation", "edm", "cifar10", 128, 650000),
 }
 
 

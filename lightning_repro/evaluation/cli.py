@@ -101,6 +101,10 @@ def _sample_all(
 ) -> list[SampleSet]:
     sets, sampled = [], any(r.stored is None for r in refs)
     for r in refs:
+        own = options.recorded(r.sampling)
+        if own is not options and r.stored is None:
+            log(f"{r.label}: sampled with its recorded sampler {own.sampler} / {own.steps} steps / {own.grid} grid "
+                "(no --sampler / --steps / --grid given).")
         s = r.samples_at(seeds, out, options, log)
         p = s.provenance
         if (
@@ -314,6 +318,7 @@ def run_sample(args, options: SamplingOptions, seeds: list[int], log=print) -> S
             f"{args.model} holds stored samples; 'sample' needs a checkpoint or optimal:<data spec>."
         )
     out = output_folder(args.out)
+    options = options.recorded(ref.sampling)
     s = generate_samples(ref, seeds, out, options, labels=_read_labels(args.labels), log=log)
     grid_path = out / "samples_grid.png"
     if is_main():
@@ -342,8 +347,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_sampling(p: argparse.ArgumentParser, seeds_help: str) -> None:
     p.add_argument("--seeds", default=None, help=seeds_help)
-    p.add_argument("--sampler", default="heun", help=f"one of {', '.join(SAMPLERS)} (default heun)")
-    p.add_argument("--steps", type=int, default=18, help="noise levels of the grid (default 18)")
+    own = "; a model that records its own sampler (a progressive-distillation student) uses it when none of " \
+          "--sampler / --steps / --grid is given"
+    p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default heun{own})")
+    p.add_argument("--steps", type=int, default=None, help="noise levels of the grid (default 18)")
     p.add_argument("--grid", default=None, help=f"sigma grid: {', '.join(GRIDS)} (default: the sampler's)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (default 1)")
     p.add_argument(
@@ -373,9 +380,10 @@ def _add_sampling(p: argparse.ArgumentParser, seeds_help: str) -> None:
 
 
 def _options(args) -> SamplingOptions:
+    given = (args.sampler, args.steps, args.grid)
     return SamplingOptions(
-        sampler=args.sampler,
-        steps=args.steps,
+        sampler="heun" if args.sampler is None else args.sampler,
+        steps=18 if args.steps is None else args.steps,
         grid=args.grid,
         guidance=args.guidance,
         class_label=args.class_label,
@@ -385,6 +393,7 @@ def _options(args) -> SamplingOptions:
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        model_sampling=all(v is None for v in given),
     )
 
 

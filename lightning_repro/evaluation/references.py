@@ -140,6 +140,7 @@ class Reference:
     )  # provenance: kind, arch, kernel, size, subset_seed, ...
     data: dict[str, Any] | None = None  # SubsetDataModule kwargs of its training set
     kernel_spec: dict[str, Any] | None = None  # {"name", "kwargs"} to rebuild the sampling kernel
+    sampling: dict[str, Any] | None = None  # the sampler / steps / grid the model records as its own, if any
     _den: Any = field(default=None, repr=False)
     _train: tuple[Tensor, Tensor | None] | None = field(default=None, repr=False)
 
@@ -202,7 +203,9 @@ class Reference:
         return {k: self.info.get(k) for k in keys} | {"text": self.text}
 
     def samples_at(self, seeds: list[int], out: Path, options: SamplingOptions, log=print) -> SampleSet:
-        """Its samples at ``seeds``: cached shards under ``out/samples/<name>_<tag>``, sampled where missing."""
+        """Its samples at ``seeds``: cached shards under ``out/samples/<name>_<tag>``, sampled where missing
+        (with its own recorded sampler when ``options.model_sampling``)."""
+        options = options.recorded(self.sampling)
         folder = out / "samples" / f"{self.name}_{options.cache_tag}"
         s = generate_samples(self, seeds, folder, options, log=log)
         log(
@@ -244,6 +247,9 @@ class CheckpointReference(Reference):
         info.update(
             {k: meta.get(k) for k in ("arch", "kernel", "precond", "size", "subset_seed", "seed", "source")}
         )
+        sampling = meta.get("sampling") if isinstance(meta.get("sampling"), dict) else None
+        if sampling:
+            info["sampling"] = sampling
         return cls(
             text=text,
             label=path.stem,
@@ -257,6 +263,7 @@ class CheckpointReference(Reference):
                 "name": hp.get("kernel", meta.get("kernel")),
                 "kwargs": hp.get("kernel_kwargs") or {},
             },
+            sampling=sampling,
         )
 
     def _load_denoiser(self, device: torch.device):

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +84,7 @@ class SamplingOptions:
     device: str | None = None  # default: cuda when available, else cpu
     overwrite: bool = False  # regenerate shards made with another configuration
     progress: bool = True
+    model_sampling: bool = False  # a model recording its own sampler (Reference.sampling) is sampled with it
 
     def __post_init__(self):
         key = str(self.sampler).lower().replace("-", "_").replace("++", "pp")
@@ -119,6 +120,14 @@ class SamplingOptions:
         if self.class_label is not None:
             tag += f"_c{self.class_label}"
         return tag + ("" if self.precision == "fp32" else f"_{self.precision}")
+
+    def recorded(self, sampling: dict[str, Any] | None) -> SamplingOptions:
+        """These options, or, when ``model_sampling`` is on and a model records ``sampling`` (``{"sampler", "steps",
+        "grid"}``, e.g. a progressive-distillation student's DDIM at its step count), with its sampler, steps, grid."""
+        if not self.model_sampling or not sampling:
+            return self
+        own = {k: sampling[k] for k in ("sampler", "steps") if sampling.get(k) is not None}
+        return replace(self, **own, grid=sampling.get("grid"), model_sampling=False)  # grid None: the sampler's
 
     def solver(self, precision: str) -> SolverConfig:
         return SolverConfig(

@@ -372,20 +372,22 @@ class SongUNet(nn.Module):
                     cin, cout, attention=idx == num_blocks and res in attn_resolutions, takes_skip=True, **block)
         return dec
 
-    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None,
-                augment_labels: Tensor | None = None) -> Tensor:
-        noise_labels = check_unet_input("SongUNet", x, noise_labels, self.in_channels, self.factor)
+    def embedding(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None,
+                  augment_labels: Tensor | None = None) -> Tensor:
+        """The mapping network: ``emb`` (B, emb_channels) of the checked noise labels (and classes)."""
         emb = self.map_noise(noise_labels)
         if self.swap_sin_cos:  # EDM's DDPM++ uses [sin, cos]
             emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)
         emb = emb.to(self.map_layer0.weight.dtype)
         if self.map_label is not None:
-            y = class_one_hot("SongUNet", class_labels, self.num_classes, x.shape[0], x.device)
+            y = class_one_hot(type(self).__name__, class_labels, self.num_classes, x.shape[0], x.device)
             emb = emb + self.map_label((y * math.sqrt(self.num_classes)).to(emb.dtype))
         if self.augment_dim and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
+    def encode(self, x: Tensor, emb: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The encoder: the bottleneck features and the skips the decoder takes (in the order it pops them)."""
         skips, aux = [], x
         for m in self.enc.values():
             if isinstance(m, _ResidualDown):  # NCSN++: x = skips[-1] = aux = (x + down(aux)) / sqrt(2)
@@ -393,6 +395,13 @@ class SongUNet(nn.Module):
                 continue
             x = m(x, emb) if isinstance(m, SongUNetBlock) else m(x)
             skips.append(x)
+        return x, skips
+
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
+        noise_labels = check_unet_input("SongUNet", x, noise_labels, self.in_channels, self.factor)
+        emb = self.embedding(x, noise_labels, class_labels, augment_labels)
+        x, skips = self.encode(x, emb)
         for m in self.dec.values():
             if m.takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)
