@@ -141,6 +141,8 @@ TRAIN_EXPECTED = {
     "cifar10_multistage.yaml": ("Multistage", "edm", "cifar10", 32, 1562500),
     "digits_progressive.yaml": ("ProgressiveDistillation", "edm", "digits", 64, 1000),
     "cifar10_progressive.yaml": ("ProgressiveDistillation", "edm", "cifar10", 128, 650000),
+    "demo_ddpmpp.yaml": ("DDPMpp", "edm", "digits", 64, 2400),
+    "demo_dit.yaml": ("DiT", "edm", "digits", 64, 3200),
 }
 
 
