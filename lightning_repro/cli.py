@@ -38,7 +38,7 @@ from .files import atomic_write
 from .kernels import get_kernel
 from .presets import ARCHS, RENAMED
 
-__all__ = ["ReproCLI", "ReproWandbLogger", "RunCheckpoint", "FinalSamples", "AtomicSaveConfig", "main",
+__all__ = ["ReproCLI", "TRAINER_DEFAULTS", "ReproWandbLogger", "RunCheckpoint", "FinalSamples", "AtomicSaveConfig", "main",
            "wandb_offline", "write_atomic"]
 
 
@@ -248,8 +248,20 @@ def _check_moved_configs(argv: list[str]) -> None:
                              f"is now DDPMpp).")
 
 
-def main(argv: list[str] | None = None) -> ReproCLI | None:
-    """Run the CLI on ``argv`` (default: the command line)."""
+#: the Trainer's defaults under the CLI (a config or the command line overrides them)
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning_repro.cli.ReproWandbLogger"},
+    "max_steps": 1000,
+    "val_check_interval": 500,
+    "check_val_every_n_epoch": None,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 10,
+}
+
+
+def main(argv: list[str] | None = None, run: bool = True) -> ReproCLI | None:
+    """Run the CLI on ``argv`` (default: the command line); ``run=False`` only builds the model, data module and
+    trainer from ``argv`` without a subcommand (as ``LightningCLI(run=False)``)."""
     _check_moved_configs(sys.argv[1:] if argv is None else argv)
     _check_arch(sys.argv[1:] if argv is None else argv)
     torch.set_float32_matmul_precision("high")
@@ -261,18 +273,12 @@ def main(argv: list[str] | None = None) -> ReproCLI | None:
             SubsetDataModule,
             subclass_mode_model=True,
             seed_everything_default=0,
-            trainer_defaults={
-                "logger": {"class_path": "lightning_repro.cli.ReproWandbLogger"},
-                "max_steps": 1000,
-                "val_check_interval": 500,
-                "check_val_every_n_epoch": None,
-                "num_sanity_val_steps": 0,
-                "log_every_n_steps": 10,
-            },
+            trainer_defaults=dict(TRAINER_DEFAULTS),
             save_config_callback=AtomicSaveConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
             args=argv,
+            run=run,
         )
     except (ValueError, FileNotFoundError, ArgumentError) as err:  # bad input: one sentence, no stack trace
         raise SystemExit(f"error: {_condense(str(err))}") from None

@@ -12,8 +12,8 @@ compatibility check of a resumed or ``init_from`` checkpoint: ``finetune.FineTun
 from __future__ import annotations
 
 import copy
-import math
 import hashlib
+import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -191,8 +191,22 @@ class DiffusionModule(FineTuning, L.LightningModule):
         with self.seeded_rng(self.dropout_seed(self.global_step, rank), x0.device):
             loss = self.loss(self.denoise, x0, labels if self.num_classes else None, g, rank, world)
         # logged: the global-batch loss (mean over ranks; a no-op on one device), the one DDP optimises
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        if self.logs_this_step():
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def logs_this_step(self) -> bool:
+        """Whether this training step's ``self.log`` values are read: the logger writes every
+        ``trainer.log_every_n_steps`` steps, and the last step's values are what ``fit`` leaves in
+        ``callback_metrics`` (the final loss the CLI and the studies print).  Logging only then keeps
+        Lightning's per-call bookkeeping (and, under DDP, the loss's all-reduce) out of the other steps; the
+        progress bar shows the loss of the last logged step.  Outside a trainer: always."""
+        if self._trainer is None:
+            return True
+        t, step = self.trainer, self.global_step + 1
+        every = int(t.log_every_n_steps or 0)
+        last = t.max_steps is not None and 0 < t.max_steps <= step
+        return (every > 0 and step % every == 0) or last or bool(t.should_stop)
 
     # -- EMA ----------------------------------------------------------------------------------
     def ema_beta(self) -> float:
@@ -207,11 +221,33 @@ class DiffusionModule(FineTuning, L.LightningModule):
 
     @torch.no_grad()
     def update_ema(self, beta: float) -> None:
-        ema_p = list(self.ema.parameters())
-        p = [q.detach() for q in self.model.parameters()]
-        torch._foreach_lerp_(ema_p, p, 1.0 - beta)
-        for eb, b in zip(self.ema.buffers(), self.model.buffers()):
-            eb.copy_(b)
+        """``ema <- beta * ema + (1 - beta) * weights`` for every parameter (one ``_foreach_lerp_``); buffers are
+        copied."""
+        params, buffers = self._ema_slots()
+        ema_p = [e._parameters[n] for e, _, n in params]
+        torch._foreach_lerp_(ema_p, [m._parameters[n] for _, m, n in params], 1.0 - beta)
+        for e, m, n in buffers:
+            e._buffers[n].copy_(m._buffers[n])
+
+    def _ema_slots(self) -> tuple[list[tuple[nn.Module, nn.Module, str]], list[tuple[nn.Module, nn.Module, str]]]:
+        """``(ema submodule, network submodule, name)`` of each parameter and each buffer, in ``parameters()`` /
+        ``buffers()`` order: found once per (network, EMA) pair of modules (walking the module tree every step
+        costs more than the update) and looked up by name at each update, so tensors that ``.to()`` or
+        ``load_state_dict(assign=True)`` replace are still the ones updated."""
+        cached = self.__dict__.get("_ema_slot_cache")
+        if cached is not None and cached[0] is self.model and cached[1] is self.ema:
+            return cached[2]
+
+        def slots(names):
+            out = []
+            for name in names:
+                path, _, leaf = name.rpartition(".")
+                out.append((self.ema.get_submodule(path), self.model.get_submodule(path), leaf))
+            return out
+
+        found = (slots(n for n, _ in self.model.named_parameters()), slots(n for n, _ in self.model.named_buffers()))
+        self.__dict__["_ema_slot_cache"] = (self.model, self.ema, found)  # outside the module tree
+        return found
 
     def optimizer_step(self, *args, **kwargs):
         """The optimiser step, then the EMA update of that step.
@@ -223,7 +259,8 @@ class DiffusionModule(FineTuning, L.LightningModule):
         out = super().optimizer_step(*args, **kwargs)
         beta = self.ema_beta()
         self.update_ema(beta)
-        self.log("train/ema_beta", beta)
+        if self.logs_this_step():
+            self.log("train/ema_beta", beta)
         return out
 
     # -- optimiser ----------------------------------------------------------------------------
@@ -232,8 +269,11 @@ class DiffusionModule(FineTuning, L.LightningModule):
         params = self.model.parameters()
         if self.trainable_patterns is not None:  # fine-tuning: frozen parameters stay out of the optimiser
             params = [p for p in params if p.requires_grad]
+        # fused on CUDA; elsewhere the multi-tensor (foreach) AdamW, which gives the same weights as the default
+        # for-loop one with far fewer kernel calls
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                weight_decay=self.hparams.weight_decay, fused=fused or None)
+                                weight_decay=self.hparams.weight_decay, fused=fused or None,
+                                foreach=None if fused else True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

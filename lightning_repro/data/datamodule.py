@@ -116,13 +116,14 @@ class InfiniteBatchStream(IterableDataset):
         return torch.arange(start, start + self.batch_size)
 
     def indices(self, step: int) -> Tensor:
+        """Subset indices of this rank's batch at ``step``: position ``p`` is image ``perm_{p // N}[p % N]``."""
         n = len(self.images)
-        pos = self.positions(step)
-        out = torch.empty_like(pos)
-        for e in pos.div(n, rounding_mode="floor").unique().tolist():
-            m = pos // n == e
-            out[m] = self._perm_of(int(e))[pos[m] % n]
-        return out
+        pos = self.positions(step)  # consecutive, so the epochs they span are too
+        first, last = int(pos[0]) // n, int(pos[-1]) // n
+        if first == last:
+            return self._perm_of(first)[pos - first * n]
+        perms = torch.stack([self._perm_of(e) for e in range(first, last + 1)])  # one gather for all epochs
+        return perms.view(-1)[pos - first * n]
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         idx = self.indices(step)
