@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import torch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +102,7 @@ def demo_argv(family: str, steps: int, root: Path) -> list[str]:
     """The demo's ``cli fit`` arguments of ``family`` (all 1,797 digits, batch 64) for ``steps`` steps."""
     from lightning_repro.demo import train_command
 
-    cmd = train_command(family, 1797, steps, root, 64)
+    cmd = train_command(family, 1797, steps, root, 64, monitor_every=10**9)  # the monitor only at the last step
     return cmd[cmd.index("fit"):]
 
 
@@ -128,7 +131,7 @@ def build(config: str, steps: int, root: Path):
         return build_module(job.arch, job.image_shape, **job.module_kwargs), SubsetDataModule(**job.data_kwargs)
     from lightning_repro.cli import main
 
-    argv = demo_argv(config.removeprefix("demo_").replace("ddpmpp", "edm"), steps, root)[1:]  # no subcommand
+    argv = demo_argv(config.removeprefix("demo_"), steps, root)[1:]  # no subcommand
     cli = main(argv, run=False)
     return cli.model, cli.datamodule
 
@@ -146,7 +149,7 @@ def run_real(config: str, steps: int, k0: int, k1: int, root: Path, out: Path, p
         return
     from lightning_repro.cli import main
 
-    argv = demo_argv(config.removeprefix("demo_").replace("ddpmpp", "edm"), steps, root)
+    argv = demo_argv(config.removeprefix("demo_"), steps, root)
     timer = {"class_path": "train_loop.StepTimer", "init_args": {"k0": k0, "k1": k1, "out": str(out)}}
     argv += ["--trainer.callbacks+", json.dumps(timer)]
     if profile:
@@ -171,10 +174,12 @@ class BareStep:
 
     PARTS = ("data", "loss (forward)", "zero_grad + backward", "optimizer + lr", "ema")
 
-    def __init__(self, module, dm):
+    def __init__(self, module, dm, max_steps: int):
         self.module = module.train()
         cfg = module.configure_optimizers()
-        self.opt, self.sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+        self.opt = cfg["optimizer"]  # the schedule is the module's lr_factor over the run's max_steps (no Trainer)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(module.lr_factor,
+                                                                                   total_steps=max_steps))
         self.batches, self.batch = iter(dm.train_dataloader()), int(dm.batch_size)
         self.k, self.record = 0, False
         self.parts = dict.fromkeys(self.PARTS, 0.0)
@@ -211,7 +216,7 @@ class BareStep:
 
 def run_bare(config: str, steps: int, k0: int, k1: int, root: Path, out: Path, profile: bool) -> None:
     """``BareStep`` on the configuration's module and data module for ``steps`` steps, timing ``k0 .. k1``."""
-    step = BareStep(*build(config, steps, root))
+    step = BareStep(*build(config, steps, root), max_steps=steps)
     for _ in range(k0):
         step()
     t0, c0 = time.perf_counter(), time.process_time()

@@ -277,11 +277,14 @@ class DiffusionModule(FineTuning, L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def lr_factor(self, step: int) -> float:
-        """The learning rate of optimiser step ``step`` over ``lr``: linear warm-up, then ``lr_decay``."""
+    def lr_factor(self, step: int, total_steps: int | None = None) -> float:
+        """The learning rate of optimiser step ``step`` over ``lr``: linear warm-up, then ``lr_decay`` over
+        ``total_steps`` (default ``trainer.max_steps``; a loop without a Trainer passes its own)."""
         warm, decay = int(self.hparams.warmup_steps), self.hparams.get("lr_decay", "constant")
         factor = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
-        total = int(self.trainer.max_steps) if self._trainer is not None else -1
+        if total_steps is None and self._trainer is None:
+            return factor  # no run length known (a loop without a Trainer passes total_steps): warm-up only
+        total = int(self.trainer.max_steps if total_steps is None else total_steps)
         if decay == "cosine":
             if total <= warm:
                 raise ValueError(f"lr_decay 'cosine' needs trainer.max_steps > warmup_steps ({warm}), got {total}.")

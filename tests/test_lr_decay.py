@@ -29,3 +29,11 @@ def test_constant_is_the_default_and_unknown_names_are_refused():
     assert [_module("constant").lr_factor(s) for s in (4, 9, 100)] == pytest.approx([0.5, 1.0, 1.0])
     with pytest.raises(ValueError, match="lr_decay must be 'constant' or 'cosine', got 'linear'"):
         _module("linear")
+
+
+def test_without_a_trainer_the_run_length_is_passed_or_only_the_warm_up_applies():
+    m = DiT(patch_size=8, hidden_size=16, depth=1, num_heads=2, warmup_steps=10, lr_decay="cosine")
+    assert m.lr_factor(60) == pytest.approx(1.0)  # no Trainer, no total_steps: warm-up only
+    assert m.lr_factor(60, total_steps=110) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"needs trainer.max_steps > warmup_steps \(10\), got 10"):
+        m.lr_factor(5, total_steps=10)
