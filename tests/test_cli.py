@@ -81,7 +81,7 @@ def test_resume_from_last_continues_with_identical_ema(full_run, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--model.init_args.kernel", "foo"], "error: Unknown kernel 'foo'; valid kernels are: vp, subvp, ve, edm, vp_discrete."),
-    (["--model", "Transformer"], "error: unknown architecture 'Transformer'; valid architectures are: DDPM, DDPMpp, DiT, UViT"),
+    (["--model", "Transformer"], "error: unknown architecture 'Transformer'; valid architectures are: DDPM, DDPMpp, DiT, Multistage, ProgressiveDistillation, UViT"),
     (["--data.size", "5000"], "error: data.size=5000 is larger than the digits source, which has 1797 images."),
     (["--data.source_kwargs.resolution", "6", "--model.init_args.channel_mult", "[1,2,2]"],
      "error: SongUNet: img_resolution 6 is not divisible by 4"),
@@ -106,7 +106,10 @@ def test_bad_input_is_one_sentence(extra, message, tmp_path):
 #: the study configs (configs/studies/<name>.yaml) -> their Study (training configs: test_training_configs_parse)
 STUDY_CONFIGS = sorted(p.name for p in (ROOT / "configs" / "studies").glob("*.yaml"))
 #: config folders and the test that reads their files
-CONFIG_FOLDERS = {"train", "studies", "model", "data", "trainer", "callbacks", "published"}
+CONFIG_FOLDERS = {"train", "studies", "studies/variants", "model", "data", "trainer", "callbacks", "published"}
+#: selectable variants of a study's defaults (configs/studies/variants/<file>) -> the study they configure
+STUDY_VARIANTS = {"fig4_single_token.yaml": "fig4_memorization",
+                  "phase_transition_single_token.yaml": "phase_transition"}
 
 
 def test_every_shipped_config_is_in_a_checked_folder():
@@ -124,6 +127,21 @@ def test_shipped_configs_parse(config):
     cfg = study.load_config(path)
     assert cfg["out"].startswith("outputs/") and cfg == study.defaults()
     assert study.load_config(path, quick=True)["out"] == cfg["out"] + "_quick"
+
+
+def test_study_variants_are_all_known_and_load_with_their_study():
+    """A variant (e.g. the single-token transformers of Fig. 4) loads with its study's keys and differs from the
+    defaults in what it says it changes (its families), writing to its own output folder."""
+    from lightning_repro.studies import all_studies
+
+    folder = ROOT / "configs" / "studies" / "variants"
+    assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(STUDY_VARIANTS)
+    for name, study_name in STUDY_VARIANTS.items():
+        study = all_studies()[study_name]
+        cfg, defaults = study.load_config(folder / name), study.defaults()
+        assert cfg["out"] == f"outputs/{name.removesuffix('.yaml')}" and cfg != defaults
+    fig4 = all_studies()["fig4_memorization"].load_config(folder / "fig4_single_token.yaml")
+    assert {a["init_args"]["patch_size"] for a in fig4["archs"].values()} == {8}  # one 8 x 8 patch: one token
 
 
 TRAIN_CONFIGS = sorted(p.name for p in (ROOT / "configs" / "train").glob("*.yaml"))
