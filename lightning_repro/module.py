@@ -3,7 +3,8 @@
 One import place for users, configs (``class_path: lightning_repro.module.DDPMpp``) and checkpoints, whose metadata
 names presets by these paths.  The parts live in their own files: ``diffusion_module`` (the LightningModule: EMA,
 optimiser, validation grids), ``losses`` (``DenoisingLoss``), ``finetune`` (``init_from`` / ``trainable``),
-``presets`` (``DDPM``, ``DDPMpp`` — ``EDM`` is its deprecated old name — ``UViT``, ``DiT``) and ``checkpoints``.
+``presets`` (``DDPM``, ``DDPMpp`` — ``EDM`` is its deprecated old name — ``UViT``, ``DiT``) and ``checkpoints``;
+``consistency`` (``CTDiT``, ``CDDDPMpp``, ...: consistency training / distillation of each preset's network).
 """
 
 from .checkpoints import (
@@ -14,6 +15,7 @@ from .checkpoints import (
            module_from_checkpoint,
            preset_class,
 )
+from .consistency import CDDDPM, CTDDPM, CDDDPMpp, CDDiT, CDUViT, CTDDPMpp, CTDiT, CTUViT  # noqa: F401
 from .diffusion_module import DiffusionModule, default_precond
 from .losses import DenoisingLoss
 from .presets import ARCHS, DDPM, EDM, DDPMpp, DiT, UViT
