@@ -51,12 +51,15 @@ def preset_class(class_path: str, path: str | os.PathLike = "") -> type[Diffusio
     (``lightning_repro.module.DDPMpp``; ``lightning_repro.module.EDM``, the old name, still works); any other name is
     one sentence, never an import.
     """
-    from .presets import ARCHS  # rebuilding needs the presets, which read checkpoints themselves (init_from)
+    # rebuilding needs the presets (and their consistency models), which read checkpoints themselves (init_from)
+    from .consistency import CONSISTENCY_MODELS
+    from .presets import ARCHS
 
-    for cls in ARCHS.values():
+    classes = [*ARCHS.values(), *CONSISTENCY_MODELS.values()]
+    for cls in classes:
         if class_path in (cls.class_path(), f"{cls.__module__}.{cls.__qualname__}"):
             return cls
-    valid = ", ".join(c.class_path() for c in ARCHS.values())
+    valid = ", ".join(c.class_path() for c in classes)
     raise ValueError(f"checkpoint {path} names class {class_path!r}, which is not a lightning_repro preset "
                      f"({valid}); it is refused rather than imported.")
 

@@ -4,7 +4,8 @@ One import place for users, configs (``class_path: lightning_repro.module.DDPMpp
 names presets by these paths.  The parts live in their own files: ``diffusion_module`` (the LightningModule: EMA,
 optimiser, validation grids), ``losses`` (``DenoisingLoss``), ``finetune`` (``init_from`` / ``trainable``),
 ``presets`` (``DDPM``, ``DDPMpp`` — ``EDM`` is its deprecated old name — ``UViT``, ``DiT``, ``Multistage`` from
-``multistage``; the procedure ``ProgressiveDistillation`` from ``progressive``) and ``checkpoints``.
+``multistage``; the procedure ``ProgressiveDistillation`` from ``progressive``) and ``checkpoints``;
+``consistency`` (``CTDiT``, ``CDDDPMpp``, ...: consistency training / distillation of each preset's network).
 """
 
 from .checkpoints import (
@@ -15,6 +16,7 @@ from .checkpoints import (
            module_from_checkpoint,
            preset_class,
 )
+from .consistency import CDDDPM, CTDDPM, CDDDPMpp, CDDiT, CDUViT, CTDDPMpp, CTDiT, CTUViT  # noqa: F401
 from .diffusion_module import DiffusionModule, default_precond
 from .losses import DenoisingLoss
 from .presets import ARCHS, DDPM, EDM, DDPMpp, DiT, Multistage, ProgressiveDistillation, UViT

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import Kernel, get_kernel
+from .consistency import sample_consistency
 from .dps import data_consistency_error, sample_dps
 from .grids import GRIDS, get_sigmas
 from .noise import parse_seeds, seed_noise
@@ -63,6 +64,7 @@ __all__ = [
     "center_square_mask",
 ]
 
+SAMPLERS["consistency"] = sample_consistency  # CM Alg. 1 (sampling/consistency.py)
 DEFAULT_GRID = {"dpmpp": "logsnr", "dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr"}  # others: "native"
 
 
