@@ -60,10 +60,11 @@ def test_old_config_paths_fail_with_the_new_path(old, capsys):
 
 
 #: the first checkpoint of every study's shipped configuration, as named before the studies became one protocol
-#: (a changed name would retrain what finished runs already hold)
+#: (a changed name would retrain what finished runs already hold); Fig. 4 and Fig. 2 changed their defaults on
+#: purpose (the U-Net + multi-token DiT recipe): their earlier defaults are the single-token variants, below
 CHECKPOINT_NAMES = {
-    "fig4_memorization": "dit_N16_f9a21a5a.ckpt", "inverse": "dit_N1024_3bcc0fd6.ckpt",
-    "fig5_mog": "K2_d4_N16_46b854c6.ckpt", "phase_transition": "dit_w64_N16_s0_fbf7f644.ckpt",
+    "fig4_memorization": "ddpmpp_N16_0d3008d0.ckpt", "inverse": "dit_N1024_3bcc0fd6.ckpt",
+    "fig5_mog": "K2_d4_N16_46b854c6.ckpt", "phase_transition": "ddpmpp_w64_N16_s0_65a43c0e.ckpt",
     "hyperplane": "dit_N64_92f48979.ckpt", "gan_vae_contrast": "gan_seed0_79926dd8.ckpt",
     "conditional": "edm_f2bde872.ckpt", "fig11_finetune": "pretrain_a288adb2.ckpt",
     "recovery": "teacher_N512_e2761057.ckpt",
@@ -84,6 +85,24 @@ def test_checkpoint_names_are_unchanged(name):
         jobs = study.jobs(cfg, shape)
     first = next(iter(jobs.values())) if isinstance(jobs, dict) else jobs[0]  # finetune: (pretrain, ...)
     assert Path(first.ckpt).name == CHECKPOINT_NAMES[name]
+
+
+#: the variant that holds a study's earlier default -> (study, the first checkpoint name of that earlier default)
+EARLIER_DEFAULTS = {"fig4_single_token.yaml": ("fig4_memorization", "dit_N16_f9a21a5a.ckpt"),
+                    "phase_transition_single_token.yaml": ("phase_transition", "dit_w64_N16_s0_fbf7f644.ckpt")}
+
+
+@pytest.mark.parametrize("variant", sorted(EARLIER_DEFAULTS))
+def test_earlier_defaults_keep_their_checkpoint_names(variant):
+    """A variant that spells out an earlier default (``lr_decay: constant`` included) names its checkpoints as that
+    default did, so the runs it made are found again (``protocol.NEUTRAL_OPTIONS``)."""
+    name, expected = EARLIER_DEFAULTS[variant]
+    study = STUDIES[name]
+    cfg = study.load_config(ROOT / "configs" / "studies" / "variants" / variant)
+    assert cfg["train"]["lr_decay"] == "constant" and Path(study.jobs(cfg, (1, 8, 8))[0].ckpt).name == expected
+    cosine = dict(cfg, train={**cfg["train"], "lr_decay": "cosine"})
+    assert Path(study.jobs(cosine, (1, 8, 8))[0].ckpt).name != expected  # a real change still renames
+    assert protocol.config_key({"a": 1, "lr_decay": "constant"}) == protocol.config_key({"a": 1})
 
 
 def test_readme_study_index_lists_every_study():

@@ -33,10 +33,22 @@ MOVED_CONFIGS = {
 }
 
 
+#: options added after checkpoints were first named, at the value that behaves as before their time: such an entry
+#: does not enter a ``config_key`` (a config that spells out the old behaviour finds the runs made before it)
+NEUTRAL_OPTIONS = {"lr_decay": "constant"}
+
+
+def _without_neutral(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _without_neutral(v) for k, v in obj.items()
+                if not (k in NEUTRAL_OPTIONS and v == NEUTRAL_OPTIONS[k])}
+    return obj
+
+
 def config_key(obj: Any) -> str:
-    """Eight hex digits of the SHA-256 of ``obj`` as sorted JSON: the name tag of a checkpoint, so that a changed
-    training configuration trains anew and an unchanged one is found again."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    """Eight hex digits of the SHA-256 of ``obj`` as sorted JSON, ``NEUTRAL_OPTIONS`` left out: the name tag of a
+    checkpoint, so that a changed training configuration trains anew and an unchanged one is found again."""
+    return hashlib.sha256(json.dumps(_without_neutral(obj), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def positive_int(value: Any, key: str, note: str = "") -> int:

@@ -44,12 +44,12 @@ def set_threads(threads: int | None) -> None:
 
 def module_kwargs_from(kernel: str, train: Mapping[str, Any], **over: Any) -> dict[str, Any]:
     """``DiffusionModule`` keywords from a study's ``train`` section (kernel constants, AdamW lr and warm-up, EDM
-    EMA, seed, ``lr_decay`` when given), plus ``over`` (e.g. ``seed=...``, ``num_classes=...``; ``None`` values are left out)."""
+    EMA, seed, ``lr_decay`` unless ``constant``), plus ``over`` (e.g. ``seed=...``, ``num_classes=...``; ``None`` values are left out)."""
     kw = dict(kernel=kernel, kernel_kwargs=train.get("kernel_kwargs") or {}, lr=train["lr"],
               warmup_steps=train["warmup_steps"], ema_halflife_kimg=train["ema_halflife_kimg"],
               ema_rampup_ratio=train["ema_rampup_ratio"], seed=train.get("seed", 0))
-    if "lr_decay" in train:  # only when given, so the checkpoint names of older study configs stay the same
-        kw["lr_decay"] = train["lr_decay"]
+    if train.get("lr_decay", "constant") != "constant":  # the module's default is left out, so the checkpoint
+        kw["lr_decay"] = train["lr_decay"]  # names of configs from before lr_decay existed stay the same
     kw.update({k: v for k, v in over.items() if v is not None})
     return kw
 
