@@ -214,7 +214,10 @@ def _make_root(root: str | os.PathLike) -> None:
 
 def _check_arch(argv: list[str]) -> None:
     """One clear sentence for an unknown ``--model`` (jsonargparse's own message is a page of usage)."""
+    from .consistency import CONSISTENCY_MODELS
+
     names = {c.__name__ for c in ARCHS.values()} - set(RENAMED)  # the old names are accepted, not advertised
+    consistency = {c.__name__ for c in CONSISTENCY_MODELS.values()}
     for i, a in enumerate(argv):
         val = None
         if a in ("--model", "--model.class_path") and i + 1 < len(argv):
@@ -223,9 +226,10 @@ def _check_arch(argv: list[str]) -> None:
             val = a.split("=", 1)[1]
         if val is not None and not val.startswith(("{", "[")) and not val.endswith((".yaml", ".yml", ".json")):
             short = val.rsplit(".", 1)[-1]
-            if short not in names | set(RENAMED) and short.lower() not in ARCHS:
+            if short not in names | consistency | set(RENAMED) and short.lower() not in ARCHS:
                 raise SystemExit(f"error: unknown architecture {val!r}; valid architectures are: "
-                                 f"{', '.join(sorted(names))} (e.g. --model DDPMpp).")
+                                 f"{', '.join(sorted(names))} (e.g. --model DDPMpp), and the consistency models "
+                                 f"{', '.join(sorted(consistency))}.")
 
 
 #: training configs that moved from configs/experiments to configs/train (the EDM preset is now DDPMpp)

@@ -320,7 +320,8 @@ class ConsistencyModel:
         cfg = super().run_config(dm)
         r = self.recipe
         cfg.update(procedure=self.procedure, schedule=r.schedule, s0=r.s0, s1=r.s1, mu0=r.mu0, distance=r.distance,
-                   index_sampling=r.index_sampling, weighting=r.weighting)
+                   index_sampling=r.index_sampling, weighting=r.weighting,
+                   sampling={"sampler": "consistency", "steps": int(self.hparams.val_steps), "grid": None})
         try:
             K = self.schedule_total()
             cfg.update(discretisation_steps=self.recipe.steps(self.global_step if self._trainer else 0, K),

@@ -55,16 +55,20 @@ def module_kwargs_from(kernel: str, train: Mapping[str, Any], **over: Any) -> di
 
 
 def arch_class(name: str) -> type:
-    """``EDM`` / ``edm`` / ``lightning_repro.module.EDM`` (any preset of ``module.ARCHS``, or a GAN / VAE baseline
+    """``EDM`` / ``edm`` / ``lightning_repro.module.EDM`` (any preset of ``module.ARCHS``, a consistency model of
+    ``consistency.CONSISTENCY_MODELS``, or a GAN / VAE baseline
     of ``baselines.BASELINES``: ``DCGAN``, ``VAE``) -> the class."""
     from ..baselines import BASELINES
+    from ..consistency import CONSISTENCY_MODELS
     from ..module import ARCHS
 
     short = str(name).rsplit(".", 1)[-1]
-    for key, cls in {**ARCHS, **BASELINES}.items():
+    classes = {**ARCHS, **CONSISTENCY_MODELS, **BASELINES}
+    for key, cls in classes.items():
         if short in (key, cls.__name__):
             return cls
-    valid = ", ".join(sorted(c.__name__ for c in {**ARCHS, **BASELINES}.values()))
+    valid = (", ".join(sorted(c.__name__ for c in {**ARCHS, **BASELINES}.values())) + " (and the consistency models "
+             + ", ".join(sorted(c.__name__ for c in CONSISTENCY_MODELS.values())) + ")")
     raise ValueError(f"unknown architecture {name!r}; valid architectures are: {valid}.")
 
 
