@@ -167,11 +167,17 @@ def _evaluate(argv: list[str]) -> dict[str, Any]:
 def _sample(ckpt: str, sample: dict[str, Any], out: Path, seeds: str, device: str) -> Path:
     """``evaluate.py sample`` of ``ckpt`` at ``seeds`` into ``out`` (its own sampler unless ``sample`` names one);
     shards of the same checkpoint and settings are reused, others regenerated."""
-    argv = ["sample", str(ckpt), "--seeds", seeds, "--out", str(out), "--device", device, "--overwrite"]
+    argv = ["sample", str(ckpt), "--seeds", seeds, "--out", str(out), "--device", device]
     for key in ("sampler", "steps", "grid"):
         if sample.get(key) is not None:
             argv += [f"--{key}", str(sample[key])]
-    _evaluate(argv)
+    try:
+        _evaluate(argv)
+    except ValueError as err:  # the study's own cache of another checkpoint or sampler: regenerate it
+        if "--overwrite" not in str(err):
+            raise
+        log(f"  {out.name}: the cached samples are of another run; sampling anew")
+        _evaluate([*argv, "--overwrite"])
     return out
 
 
