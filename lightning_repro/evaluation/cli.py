@@ -360,6 +360,14 @@ def _add_sampling(p: argparse.ArgumentParser, seeds_help: str) -> None:
         default=None,
         help="one class for every seed (conditional models; default: seed %% num_classes)",
     )
+    p.add_argument(
+        "--lower-order-final",
+        default="dpm-solver",
+        choices=LOWER_ORDER_FINAL,
+        help="DPM-Solver++ below 15 steps: lower the order of the last steps between non-zero noise levels "
+        "(dpm-solver, default), of the last steps counting the one into sigma = 0 (diffusers' "
+        "DPMSolverMultistepScheduler), or never (off)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=1000, help="seeds per .npz shard (default 1000)")
     p.add_argument(
@@ -394,6 +402,7 @@ def _options(args) -> SamplingOptions:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         model_sampling=all(v is None for v in given),
+        lower_order_final=args.lower_order_final,
     )
 
 
