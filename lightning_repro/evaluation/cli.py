@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..sampling import GRIDS, SAMPLERS, parse_seeds
+from ..sampling.solvers import LOWER_ORDER_FINAL
 from ..viz import save_grid
 from .common import exit_with_sentence, output_folder, seed_text, version, write_json, writing
 from .distributed import finish_distributed, init_distributed, is_main
