@@ -52,8 +52,7 @@ def _checked_teacher(checkpoint: str | os.PathLike | None, seeds: str | int | li
     from .sampling.noise import parse_seeds
 
     if checkpoint is None:
-        raise ValueError("generated source: give the teacher checkpoint (source_kwargs checkpoint: PATH, or any "
-                         "model spec such as edm:FILE.pkl or diffusers:DIR).")
+        raise ValueError("generated source: give the teacher checkpoint (source_kwargs checkpoint: PATH).")
     text = str(checkpoint)
     if not _prefixed(text):
         ckpt = Path(text).expanduser()
