@@ -134,6 +134,13 @@ def test_generated_with_an_edm_pickle_teacher_equals_evaluate_sample(tmp_path, m
         assert str(f["teacher_sha256"]) == hashlib.sha256(path.read_bytes()).hexdigest()
         assert (str(f["teacher_kind"]), str(f["teacher_format"]), str(f["teacher_checkpoint"])) == (
             "edm", "edm-pickle", spec)
+    # evaluate.py's --lower-order-final (DPM-Solver++ only)
+    s = _evaluate_sample(spec, seeds, tmp_path / "lof", "--sampler", "dpmpp", "--lower-order-final", "diffusers")
+    assert (s.provenance["sampler"], s.provenance["lower_order_final"]) == ("dpmpp", "diffusers")
+    with pytest.raises(SystemExit) as err:
+        _evaluate_sample(spec, seeds, tmp_path / "bad", "--lower-order-final", "off")
+    assert str(err.value).endswith("--lower-order-final off applies to the DPM-Solver++ samplers (dpmpp, dpmpp_2m, "
+                                   "dpmpp_3m), not to heun.")
 
 
 def test_generated_with_a_latent_dit_teacher_is_decoded_as_evaluate_sample(tmp_path):
