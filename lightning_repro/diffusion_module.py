@@ -57,8 +57,9 @@ class DiffusionModule(FineTuning, L.LightningModule):
         val_sampler, val_steps: deterministic sampler for the validation grid.
         seed: seed of the training noise stream (defaults to 0; the CLI links ``seed_everything``).
         channels_last, compile: speed options for GPUs.
-        init_from: a lightning_repro checkpoint of the same architecture whose EMA weights initialise the model
-            and the EMA at the start of ``fit`` (fine-tuning; see ``finetune``).
+        init_from: a lightning_repro checkpoint of the same architecture, or a published file of this preset's
+            network (``edm:`` DDPM++, ``uvit:``, ``dit:``), whose EMA weights initialise the model and the EMA at
+            the start of ``fit`` (fine-tuning; see ``finetune``).
         trainable: ``fnmatch`` patterns over the network's parameter names selecting what is trained (the rest
             is frozen); None: everything from scratch, ``attention_patterns`` with ``init_from``; ``["*"]``: all.
     """

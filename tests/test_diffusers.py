@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lightning_repro.data.sources import float_to_uint8
-
 from lightning_repro.evaluation import SamplingOptions, generate_samples, resolve_model
 from lightning_repro.published.tiny_pipelines import SD_V1_SCHEDULER, write_sd_pipeline, write_unet_pipeline
 from lightning_repro.sampling import SolverConfig, sample_seeds, seed_noise

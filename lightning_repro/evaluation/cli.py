@@ -409,7 +409,7 @@ def _options(args) -> SamplingOptions:
 
 def _sample_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate.py sample", description="Sample a model at fixed seeds into .npz shards.")
-    p.add_argument("model", help="checkpoint, or optimal:<data spec>")
+    p.add_argument("model", help="checkpoint, optimal:<data spec>, or edm: / uvit: / dit: / diffusers: spec")
     _add_sampling(p, f"seeds, e.g. 0-9999 or 0,5,7-9 (default {DEFAULT_SEEDS})")
     p.add_argument(
         "--labels", default=None, help="class ids, one per seed: a comma list or a .npy / .txt file"
