@@ -57,8 +57,9 @@ class DiffusionModule(FineTuning, L.LightningModule):
         val_sampler, val_steps: deterministic sampler for the validation grid.
         seed: seed of the training noise stream (defaults to 0; the CLI links ``seed_everything``).
         channels_last, compile: speed options for GPUs.
-        init_from: a lightning_repro checkpoint of the same architecture whose EMA weights initialise the model
-            and the EMA at the start of ``fit`` (fine-tuning; see ``finetune``).
+        init_from: a lightning_repro checkpoint of the same architecture, or a published file of this preset's
+            network (``edm:`` DDPM++, ``uvit:``, ``dit:``), whose EMA weights initialise the model and the EMA at
+            the start of ``fit`` (fine-tuning; see ``finetune``).
         trainable: ``fnmatch`` patterns over the network's parameter names selecting what is trained (the rest
             is frozen); None: everything from scratch, ``attention_patterns`` with ``init_from``; ``["*"]``: all.
     """
@@ -339,6 +340,8 @@ class DiffusionModule(FineTuning, L.LightningModule):
             raise ValueError(f"ckpt_path {path} was not written by lightning_repro's DiffusionModule "
                              f"(no '{CKPT_KEY}' metadata).")
         self.check_compatible(meta, str(path), what="ckpt_path")
+        if meta.get("init_from") == self.hparams.get("init_from") and "init_from_sha256" in meta:
+            self.init_provenance = {k: meta[k] for k in ("init_from_sha256", "init_from_format") if k in meta}
 
     def run_config(self, dm=None) -> dict[str, Any]:
         """The keys every run carries (W&B config, checkpoint metadata)."""
@@ -349,7 +352,8 @@ class DiffusionModule(FineTuning, L.LightningModule):
         trainable, total = self.parameter_counts()
         cfg.update(trainable_params=trainable, total_params=total)
         if self.hparams.get("init_from"):
-            cfg.update(init_from=str(self.hparams.init_from), trainable=self.trainable_patterns)
+            cfg.update(init_from=str(self.hparams.init_from), trainable=self.trainable_patterns,
+                       **self.init_provenance)  # SHA-256 / format of the file (once loaded, or resumed)
         if dm is not None and hasattr(dm, "describe"):
             d = dm.describe()
             cfg.update(size=d["size"], subset_seed=d["subset_seed"], source=d["source"], data={k: v for k, v in dm.hparams.items() if not k.startswith("_")})

@@ -1,7 +1,9 @@
 """Fine-tuning a pretrained ``DiffusionModule``: ``init_from`` + ``trainable`` (Zhang et al. 2024, Sec. 4.3, Fig. 11,
 App. G: attention-only fine-tuning), and the check that a checkpoint holds this model's network.
 
-``init_from`` names a lightning_repro checkpoint of the same architecture; its *EMA* weights initialise both the
+``init_from`` names a lightning_repro checkpoint of the same architecture, or a published network file of that
+preset's network (``edm:`` DDPM++ pickle -> ``DDPMpp``, ``uvit:`` / ``dit:`` state dicts -> ``UViT`` / ``DiT``;
+``evaluation.resolve_model``, ``published.network.preset_module``); its *EMA* weights initialise both the
 trained weights and the EMA at the start of ``fit`` (not when resuming, and never when a checkpoint is rebuilt:
 its own ``state_dict`` wins).  ``trainable`` lists ``fnmatch`` patterns over the network's parameter names (as in
 ``nets/``, e.g. ``blocks.0.attn.qkv.weight``; ``model.net.<name>`` matches too): the others are frozen and stay out
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import CKPT_KEY, load_checkpoint
+from .checkpoints import CKPT_KEY, file_sha256, load_checkpoint
 
 __all__ = ["FineTuning"]
 
@@ -145,14 +147,8 @@ class FineTuning:
         different architecture, or parameters whose names or shapes differ (naming the first few).
         """
         path = str(path if path is not None else self.hparams.init_from)
-        try:
-            ckpt = load_checkpoint(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"init_from checkpoint {path} does not exist.") from None
-        except ValueError as err:
-            raise ValueError(f"init_from: {err}") from None
-        self.check_compatible(ckpt[CKPT_KEY], path)
-        state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
+        meta, state, provenance = _published_init(path) if _is_spec(path) else _checkpoint_init(path)
+        self.check_compatible(meta, path)
         own = self.ema.state_dict()
         shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                  if k in state and state[k].shape != v.shape]
@@ -172,6 +168,10 @@ class FineTuning:
         self.model.load_state_dict(state)
         self.ema.load_state_dict(state)
         self._init_loaded = True
+        self.init_provenance = provenance
+
+    #: ``{"init_from_sha256", "init_from_format"}`` of the loaded ``init_from`` (kept in the checkpoint metadata)
+    init_provenance: dict[str, Any] = {}
 
     def on_fit_start(self) -> None:
         """Fine-tuning: load ``init_from`` (unless this fit resumes a checkpoint) and print the trainable count."""
@@ -182,3 +182,59 @@ class FineTuning:
             src = f"from {self.hparams.init_from}" if self.hparams.get("init_from") else "from scratch"
             print(f"fine-tuning {src}: {self.trainable_summary()}; trainable patterns {self.trainable_patterns}",
                   flush=True)
+
+
+# ------------------------------------------------------------------------------------------- init_from sources
+
+
+def _is_spec(text: str) -> bool:
+    """Whether ``init_from`` is a ``kind:`` model spec (``edm:``, ``dit:``, ``optimal:``, ...), not a path."""
+    from .evaluation.references import REFERENCES
+
+    kind, sep, _ = text.partition(":")
+    return bool(sep) and kind in REFERENCES
+
+
+def _checkpoint_init(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(metadata, EMA state, provenance) of a suite checkpoint."""
+    try:
+        ckpt = load_checkpoint(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"init_from checkpoint {path} does not exist.") from None
+    except ValueError as err:
+        raise ValueError(f"init_from: {err}") from None
+    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
+    return ckpt[CKPT_KEY], state, {"init_from_sha256": file_sha256(path), "init_from_format": "lightning_repro"}
+
+
+def _published_init(spec: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(metadata, EMA state, provenance) of a published network (``evaluation.resolve_model``) in the suite preset
+    that builds it (``published.network.preset_module``), or one sentence on why it initialises no preset."""
+    from .evaluation.references import resolve_model
+    from .published.network import PRESET_OF, preset_mismatch, preset_module
+
+    if spec.startswith("optimal:"):
+        raise ValueError(f"init_from {spec} is the optimal denoiser of a training set, which has no network "
+                         "weights; init_from takes a suite checkpoint or a published network file (edm:, uvit:, dit:).")
+    try:
+        ref = resolve_model(spec)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"init_from: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"init_from: {err}") from None
+    net = getattr(ref, "_net", None)
+    if net is None:
+        raise ValueError(f"init_from {spec} is a {ref.kind} model ({ref.info.get('arch')}), not a network a suite "
+                         f"preset builds; init_from takes a suite checkpoint or an edm:, uvit: or dit: file.")
+    why = preset_mismatch(net)
+    if why is not None:
+        what = f"its {net.info.get('arch', net.net)} {net.net}"
+        if net.net in PRESET_OF:
+            raise ValueError(f"init_from {spec}: {what} is not the {PRESET_OF[net.net]} preset's network ({why}), so "
+                             "no suite preset can start from it.")
+        raise ValueError(f"init_from {spec}: {what} is built by no suite preset, so none can start from it.")
+    module = preset_module(net)
+    ckpt: dict[str, Any] = {}
+    module.on_save_checkpoint(ckpt)
+    fmt = net.info.get("format", ref.kind)
+    return ckpt[CKPT_KEY], dict(module.ema.state_dict()), {"init_from_sha256": ref.sha256, "init_from_format": fmt}

@@ -3,9 +3,11 @@
 Pipelines are tiny random ones written by the test with ``save_pretrained`` (offline).
 """
 
+import numpy as np
 import pytest
 import torch
 
+from lightning_repro.data.sources import float_to_uint8
 from lightning_repro.evaluation import SamplingOptions, generate_samples, resolve_model
 from lightning_repro.published.tiny_pipelines import SD_V1_SCHEDULER, write_sd_pipeline, write_unet_pipeline
 from lightning_repro.sampling import SolverConfig, sample_seeds, seed_noise
@@ -78,6 +80,35 @@ def test_dpmpp_on_the_pipeline_grid_is_dpm_solver_2m(tmp_path):
     # below 15 steps diffusers lowers only the step into sigma = 0, i.e. the suite's lower_order_final=False
     want = _diffusers_loop(unet, DPMSolverMultistepScheduler(), z, 6)
     assert _close(_unclamped(ref, 6, "dpmpp", lower_order_final=False), want, 1e-5)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("steps", [8, 10])
+def test_dpmpp_below_15_steps_is_the_scheduler_with_lower_order_final_diffusers(tmp_path, order, steps):
+    """diffusers counts the step into sigma = 0 among the final steps, dpm-solver (the suite's default) does not."""
+    from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+
+    write_unet_pipeline(tmp_path / "pipe", DPMSolverMultistepScheduler(solver_order=order))
+    ref = resolve_model(f"diffusers:{tmp_path / 'pipe'}")
+    unet = UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet")
+    want = _diffusers_loop(unet, DPMSolverMultistepScheduler(solver_order=order), seed_noise(SEEDS, (3, 8, 8)), steps)
+    opts = {"order": order, "legacy_3m": True}  # diffusers' 3M coefficient (see sample_dpmpp)
+    assert _close(_unclamped(ref, steps, "dpmpp", lower_order_final="diffusers", **opts), want, 1e-5)
+    assert (_suite(ref, steps, "dpmpp", lower_order_final="diffusers", **opts) - want.clamp(-1, 1)).abs().max() <= 1e-4
+    # the other rules differ (measured relative deviations: dpm-solver 3.0e-5 at 8 steps of 2M, 3.1e-4 / 5.6e-5 at
+    # 8 / 10 of 3M; off, which equals diffusers for 2M, 2.2e-4 / 3.3e-5 for 3M; diffusers 3-5e-7)
+    if order == 3 or steps == 8:
+        assert not _close(_unclamped(ref, steps, "dpmpp", **opts), want, 1e-5)
+    if order == 3:
+        assert not _close(_unclamped(ref, steps, "dpmpp", lower_order_final="off", **opts), want, 1e-5)
+    # evaluate.py's --lower-order-final diffusers: the same samples
+    options = SamplingOptions(sampler="dpmpp", steps=steps, grid="native", lower_order_final="diffusers",
+                              progress=False, device="cpu")
+    if order == 2:
+        s = generate_samples(ref, SEEDS, tmp_path / "shards", options, log=lambda m: None)
+        x = _suite(ref, steps, "dpmpp", lower_order_final="diffusers")
+        assert np.array_equal(s.images, float_to_uint8(x)) and s.provenance["lower_order_final"] == "diffusers"
+        assert options.cache_tag == f"dpmpp{steps}_native_lof-diffusers"
 
 
 def test_stable_diffusion_from_a_prompt_equals_the_pipeline(tmp_path):

@@ -332,7 +332,7 @@ def test_uvit_and_dit_references_and_conversion(tmp_path):
     with pytest.raises(ValueError) as err:
         resolve_model(f"dit:{path}?heads=2")
     assert str(err.value) == (f"'dit:{path}?heads=2': 'heads=2' is not one of the options num_heads=..., "
-                              "null_row=..., kernel=..., data=....")
+                              "null_row=..., kernel=..., vae=..., data=....")
     assert math.isfinite(float(want.abs().max()))
 
 

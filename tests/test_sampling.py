@@ -218,6 +218,35 @@ def test_dpmpp_warmup_and_lower_order_final():
         sample_dpmpp(D, x_T, sig, order=4)
 
 
+def test_dpmpp_lower_order_final_rules():
+    # diffusers counts the final step into sigma = 0: for 2M it lowers nothing else (== off); for 3M its
+    # second-to-last step (into the last non-zero sigma) is 2nd order, which neither other rule gives
+    D, x_T = _gaussian_problem(n=4)
+    sig = get_sigmas("logsnr", 6, sigma_min=S_MIN, sigma_max=S_MAX)
+    run = lambda order, rule: sample_dpmpp(D, x_T, sig, order=order, lower_order_final=rule)  # noqa: E731
+    assert torch.equal(run(2, "diffusers"), run(2, "off")) and torch.equal(run(2, True), run(2, "dpm-solver"))
+    assert not torch.equal(run(2, "diffusers"), run(2, "dpm-solver"))
+    three = {rule: run(3, rule) for rule in ("dpm-solver", "diffusers", "off")}
+    assert not any(torch.equal(three[a], three[b]) for a, b in (("dpm-solver", "diffusers"), ("diffusers", "off")))
+    on_min = sig[:-1]  # a grid ending at a non-zero sigma (diffusers' final_sigmas_type="sigma_min"): rules agree
+    assert torch.equal(sample_dpmpp(D, x_T, on_min, order=3, lower_order_final="diffusers"),
+                       sample_dpmpp(D, x_T, on_min, order=3, lower_order_final=True))
+    long = get_sigmas("logsnr", 15, sigma_min=S_MIN, sigma_max=S_MAX)  # from 15 steps on no rule lowers
+    assert torch.equal(sample_dpmpp(D, x_T, long, order=3, lower_order_final="diffusers"),
+                       sample_dpmpp(D, x_T, long, order=3, lower_order_final=False))
+    with pytest.raises(ValueError) as err:
+        run(2, "last")
+    assert str(err.value) == ("lower_order_final must be one of dpm-solver, diffusers, off (or true / false), "
+                              "got 'last'.")
+    from lightning_repro.evaluation import SamplingOptions
+
+    assert SamplingOptions(sampler="dpm++", lower_order_final="off").cache_tag == "dpmpp18_lof-off"
+    with pytest.raises(ValueError) as err:
+        SamplingOptions(sampler="heun", lower_order_final="diffusers")
+    assert str(err.value) == ("--lower-order-final diffusers applies to the DPM-Solver++ samplers (dpmpp, dpmpp_2m, "
+                              "dpmpp_3m), not to heun.")
+
+
 # -- NFE counting -------------------------------------------------------------------------------------------
 
 

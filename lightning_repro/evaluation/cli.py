@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..sampling import GRIDS, SAMPLERS, parse_seeds
+from ..sampling.solvers import LOWER_ORDER_FINAL
 from ..viz import save_grid
 from .common import exit_with_sentence, output_folder, seed_text, version, write_json, writing
 from .distributed import finish_distributed, init_distributed, is_main
@@ -360,6 +361,14 @@ def _add_sampling(p: argparse.ArgumentParser, seeds_help: str) -> None:
         default=None,
         help="one class for every seed (conditional models; default: seed %% num_classes)",
     )
+    p.add_argument(
+        "--lower-order-final",
+        default="dpm-solver",
+        choices=LOWER_ORDER_FINAL,
+        help="DPM-Solver++ below 15 steps: lower the order of the last steps between non-zero noise levels "
+        "(dpm-solver, default), of the last steps counting the one into sigma = 0 (diffusers' "
+        "DPMSolverMultistepScheduler), or never (off)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=1000, help="seeds per .npz shard (default 1000)")
     p.add_argument(
@@ -394,12 +403,13 @@ def _options(args) -> SamplingOptions:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         model_sampling=all(v is None for v in given),
+        lower_order_final=args.lower_order_final,
     )
 
 
 def _sample_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate.py sample", description="Sample a model at fixed seeds into .npz shards.")
-    p.add_argument("model", help="checkpoint, or optimal:<data spec>")
+    p.add_argument("model", help="checkpoint, optimal:<data spec>, or edm: / uvit: / dit: / diffusers: spec")
     _add_sampling(p, f"seeds, e.g. 0-9999 or 0,5,7-9 (default {DEFAULT_SEEDS})")
     p.add_argument(
         "--labels", default=None, help="class ids, one per seed: a comma list or a .npy / .txt file"

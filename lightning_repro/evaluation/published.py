@@ -2,9 +2,13 @@
 
 Specs ``edm:FILE.pkl`` (NVlabs/edm), ``uvit:FILE.pth`` (baofff/U-ViT), ``dit:FILE.pt`` (facebookresearch/DiT) and
 their converted ``FILE.ckpt`` (``python -m lightning_repro.published convert``), with options after ``?``:
-``num_heads=N``, ``null_row=last|first|none``, ``kernel=NAME`` (U-ViT / DiT) and ``data=<data spec>`` (last, as in
-``optimal:``, e.g. ``?data=cifar10`` or ``?data=digits?size=64``): the training set, which a published file does
-not record, for GL and the nearest training images.  Files are read as data (``lightning_repro.published``).
+``num_heads=N``, ``null_row=last|first|none``, ``kernel=NAME``, ``vae=VAE`` (U-ViT / DiT) and ``data=<data spec>``
+(last, as in ``optimal:``, e.g. ``?data=cifar10`` or ``?data=digits?size=64``): the training set, which a published
+file does not record, for GL and the nearest training images.  Files are read as data (``lightning_repro.published``).
+``vae=`` makes a latent (4-channel) U-ViT / DiT a latent model, e.g. DiT's ImageNet ``dit:DiT-XL-2-256x256.pt?vae=
+stabilityai/sd-vae-ft-ema``: VAE is an AutoencoderKL folder, a pipeline folder with ``vae/``, or a Hub id of either;
+the sampler works on the latents from the suite's seed noise and the VAE decodes them (``latents /
+scaling_factor``) before the descriptor, as for a latent ``diffusers:`` pipeline.
 
 ``diffusers:LOCAL_DIR_OR_HUB_ID[@revision][#subfolder][?prompt=TEXT]``: a diffusers UNet pipeline folder sampled
 in the EDM variable of its scheduler's schedule (``published.diffusers``); text-to-image pipelines sample latents
@@ -56,26 +60,42 @@ class PublishedReference(Reference):
     """A published network (``lightning_repro.published.PublishedNet``) behind a ``kind:FILE[?options]`` spec."""
 
     options: ClassVar[tuple[str, ...]] = ()
+    latent_shape: tuple[int, ...] | None = None  # latent models (``?vae=``): the shape the sampler works in
     _net: Any = None
+    _vae: Any = None  # published.diffusers.VAEFolder of a latent model
 
     @classmethod
     def from_spec(cls, spec: str, text: str, partner: Reference | None) -> Reference:
         from ..published import read_published
 
         path, opts, data_spec = split_published_spec(spec, cls.kind, cls.options)
-        net = read_published(cls.kind, path, **opts)
+        vae = hub.read_vae(opts.pop("vae"), text) if "vae" in opts else None
+        net = read_published(cls.kind, path, **opts, **({"latent": True} if vae is not None else {}))
         data = parse_data_spec(data_spec)[0] if data_spec is not None else None
         sha = str(net.info["sha256"])
         p = Path(path).expanduser()
         info = {"kind": cls.kind, "path": str(p.resolve()), **net.info, "sha256": sha, "precond": net.precond,
                 "kernel": net.kernel_spec["name"], "size": None, "subset_seed": None, "seed": None,
                 "source": (data or {}).get("source")}
+        if vae is not None:  # the model is the network and its decoder: both digests make its identity
+            info.update(file_sha256=sha, vae=str(vae.path.resolve()), vae_sha256=vae.digest(),
+                        vae_scaling_factor=vae.config.get("scaling_factor"))
+            sha = hashlib.sha256(f"{sha};vae={info['vae_sha256']}".encode()).hexdigest()
+            info["sha256"] = sha
         return cls(text=text, label=p.stem, name=f"{safe_name(p.stem)}-{sha[:10]}", sha256=sha,
-                   image_shape=net.image_shape, num_classes=net.num_classes, info=info, data=data,
-                   kernel_spec=dict(net.kernel_spec), _net=net)
+                   image_shape=net.image_shape if vae is None else vae.image_shape(net.image_shape),
+                   num_classes=net.num_classes, info=info, data=data, kernel_spec=dict(net.kernel_spec),
+                   latent_shape=None if vae is None else net.image_shape, _net=net, _vae=vae)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.latent_shape or self.image_shape
 
     def _load_denoiser(self, device: torch.device):
         return self._net.denoiser(device)
+
+    def decoder(self, device: torch.device) -> Callable[[Tensor, float], Tensor] | None:
+        return None if self._vae is None else self._vae.decoder(device)
 
     def training_set(self) -> tuple[Tensor, Tensor | None]:
         if self.data is None:
@@ -93,17 +113,18 @@ class EDMReference(PublishedReference):
 @register_reference("uvit")
 @dataclass
 class UViTReference(PublishedReference):
-    """``uvit:FILE.pth``: a baofff/U-ViT pixel-space state dict (continuous VP, epsilon-prediction)."""
+    """``uvit:FILE.pth[?vae=VAE]``: a baofff/U-ViT state dict (continuous VP, epsilon-prediction); latent with a VAE."""
 
-    options: ClassVar[tuple[str, ...]] = ("num_heads", "null_row", "kernel")
+    options: ClassVar[tuple[str, ...]] = ("num_heads", "null_row", "kernel", "vae")
 
 
 @register_reference("dit")
 @dataclass
 class DiTReference(PublishedReference):
-    """``dit:FILE.pt``: a facebookresearch/DiT pixel-space state dict (DDPM timesteps, epsilon half kept)."""
+    """``dit:FILE.pt[?vae=VAE]``: a facebookresearch/DiT state dict (DDPM timesteps, epsilon half kept); latent with a
+    VAE (the released ImageNet models: 4 x 32 x 32 latents of the Stable Diffusion VAE)."""
 
-    options: ClassVar[tuple[str, ...]] = ("num_heads", "null_row", "kernel")
+    options: ClassVar[tuple[str, ...]] = ("num_heads", "null_row", "kernel", "vae")
 
 
 # -- diffusers ----------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..data.sources import float_to_uint8, uint8_to_float
 from ..sampling import DEFAULT_GRID, GRIDS, SAMPLERS, SolverConfig, autocast_dtype, get_sigmas, sample_seeds
 from ..sampling.grids import _ALIASES as _GRID_ALIASES
+from ..sampling.solvers import lower_order_rule
 from .common import json_safe, seed_text, version, write_bytes
 from .distributed import barrier, rank_world
 
@@ -56,9 +57,10 @@ MATCH_KEYS = (
     "kernel",
     "image_shape",
     "precision",
+    "lower_order_final",
 )
 #: value of a provenance field in shards written before the field existed
-MATCH_DEFAULTS = {"precision": "fp32"}
+MATCH_DEFAULTS = {"precision": "fp32", "lower_order_final": "dpm-solver"}
 
 
 def _positive(value: Any, option: str) -> int:
@@ -85,6 +87,7 @@ class SamplingOptions:
     overwrite: bool = False  # regenerate shards made with another configuration
     progress: bool = True
     model_sampling: bool = False  # a model recording its own sampler (Reference.sampling) is sampled with it
+    lower_order_final: str = "dpm-solver"  # DPM-Solver++ samplers: dpm-solver | diffusers | off (sample_dpmpp)
 
     def __post_init__(self):
         key = str(self.sampler).lower().replace("-", "_").replace("++", "pp")
@@ -108,6 +111,11 @@ class SamplingOptions:
         _positive(self.shard_size, "--shard-size")
         object.__setattr__(self, "precision", autocast_dtype(self.precision)[0])
         object.__setattr__(self, "guidance", float(self.guidance))
+        rule = lower_order_rule(self.lower_order_final)
+        if rule != "dpm-solver" and not key.startswith("dpmpp"):
+            raise ValueError(f"--lower-order-final {rule} applies to the DPM-Solver++ samplers (dpmpp, dpmpp_2m, "
+                             f"dpmpp_3m), not to {key}.")
+        object.__setattr__(self, "lower_order_final", rule)
 
     @property
     def cache_tag(self) -> str:
@@ -119,6 +127,8 @@ class SamplingOptions:
             tag += f"_g{self.guidance:g}"
         if self.class_label is not None:
             tag += f"_c{self.class_label}"
+        if self.lower_order_final != "dpm-solver":
+            tag += f"_lof-{self.lower_order_final}"
         return tag + ("" if self.precision == "fp32" else f"_{self.precision}")
 
     def recorded(self, sampling: dict[str, Any] | None) -> SamplingOptions:
@@ -127,7 +137,9 @@ class SamplingOptions:
         if not self.model_sampling or not sampling:
             return self
         own = {k: sampling[k] for k in ("sampler", "steps") if sampling.get(k) is not None}
-        return replace(self, **own, grid=sampling.get("grid"), model_sampling=False)  # grid None: the sampler's
+        lof = self.lower_order_final if str(own.get("sampler", self.sampler)).startswith("dpmpp") else "dpm-solver"
+        return replace(self, **own, grid=sampling.get("grid"), model_sampling=False,  # grid None: the sampler's
+                       lower_order_final=lof)
 
     def solver(self, precision: str) -> SolverConfig:
         return SolverConfig(
@@ -137,6 +149,7 @@ class SamplingOptions:
             guidance=self.guidance,
             batch_size=self.batch_size,
             precision=precision,
+            opts={"lower_order_final": self.lower_order_final} if self.sampler.startswith("dpmpp") else {},
         )
 
     def torch_device(self) -> torch.device:
@@ -296,6 +309,7 @@ def _provenance(ref: Reference, options: SamplingOptions, precision: str, kernel
         "kernel_spec": ref.kernel_spec,
         "image_shape": list(ref.image_shape),
         "precision": precision,
+        "lower_order_final": options.lower_order_final,
         "num_classes": ref.num_classes,
         "model": ref.info,
         "data": None if ref.data is None else json_safe(ref.data),

@@ -40,6 +40,8 @@ __all__ = [
     "read_folder",
     "load_denoiser",
     "load_decoder",
+    "VAEFolder",
+    "read_vae",
     "DDIM_FAMILY",
     "COMPONENTS",
 ]
@@ -244,11 +246,16 @@ def locate(spec: PipelineSpec) -> Path:
         if spec.revision:
             raise ValueError(f"diffusers:{spec.location}@{spec.revision}: a revision applies to Hub ids, not to folders.")
         return path / spec.subfolder
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec.location):
-        raise ValueError(f"diffusers:{spec.location}: no such folder, and it is not a Hub id of the form owner/name.")
+    return _snapshot(spec, _patterns(spec.subfolder)) / spec.subfolder
+
+
+def _snapshot(spec: PipelineSpec, patterns: list[str]) -> Path:
+    """The Hub snapshot of ``spec.location`` with ``patterns`` (cache first, then a download), or one sentence."""
     from huggingface_hub import snapshot_download
 
-    kw = {"revision": spec.revision, "allow_patterns": _patterns(spec.subfolder),
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", spec.location):
+        raise ValueError(f"diffusers:{spec.location}: no such folder, and it is not a Hub id of the form owner/name.")
+    kw = {"revision": spec.revision, "allow_patterns": patterns,
           "ignore_patterns": ["*.fp16.*", "*non_ema*", "*.ckpt"]}  # fmt: skip
     try:
         root = snapshot_download(spec.location, local_files_only=True, **kw)
@@ -262,7 +269,7 @@ def locate(spec: PipelineSpec) -> Path:
                 f"(offline?): run `huggingface-cli download {spec.location}{rev} --local-dir DIR` on a machine with "
                 "network, copy DIR here and pass diffusers:DIR."
             ) from None
-    return Path(root) / spec.subfolder
+    return Path(root)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -394,6 +401,57 @@ def load_denoiser(folder: PipelineFolder, kernel, prompt: str | None, device: to
     context = _encode(folder, prompt or "", device) if folder.text else None
     null = folder.num_classes if folder.net == "transformer" else None
     return UNetDenoiser(unet, kernel, folder.scheduler.get("prediction_type", "epsilon"), context, null)
+
+
+# ---------------------------------------------------------------------------- a VAE on its own (latent U-ViT / DiT)
+
+
+@dataclass(frozen=True)
+class VAEFolder:
+    """An ``AutoencoderKL`` folder (``config.json`` + weights) given as ``?vae=`` to a latent ``uvit:`` / ``dit:``."""
+
+    path: Path
+    config: dict[str, Any]
+
+    def image_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """The decoded image shape of latents of ``latent_shape`` (C, h, w): ``out_channels x (h f) x (w f)``."""
+        f = 2 ** (len(self.config["block_out_channels"]) - 1)
+        return int(self.config.get("out_channels", 3)), int(latent_shape[1]) * f, int(latent_shape[2]) * f
+
+    def digest(self) -> str:
+        """SHA-256 over the names and bytes of the folder's files."""
+        h = hashlib.sha256()
+        for f in sorted(p for p in self.path.glob("*") if p.is_file()):
+            h.update(f"{f.name};".encode())
+            with open(f, "rb") as fh:
+                while b := fh.read(1 << 20):
+                    h.update(b)
+        return h.hexdigest()
+
+    def decoder(self, device: torch.device) -> LatentDecoder:
+        from diffusers import AutoencoderKL
+
+        return LatentDecoder(AutoencoderKL.from_pretrained(self.path, low_cpu_mem_usage=False).to(device))
+
+
+def read_vae(text: str, what: str) -> VAEFolder:
+    """``?vae=`` text -> ``VAEFolder``: an AutoencoderKL folder, a pipeline folder holding ``vae/``, or a Hub id
+    ``owner/name[@revision][#subfolder]`` of either (e.g. ``stabilityai/sd-vae-ft-ema``, DiT's VAE)."""
+    spec = parse_spec(text)
+    path = Path(spec.location).expanduser()
+    if not path.is_dir():
+        path = _snapshot(spec, ["config.json", "*.safetensors", "*.bin", "vae/config.json", "vae/*.safetensors",
+                                "vae/*.bin"] if not spec.subfolder else [f"{spec.subfolder}/*"])
+    elif spec.revision:
+        raise ValueError(f"{what}: vae={text}: a revision applies to Hub ids, not to folders.")
+    path = path / spec.subfolder
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    config = _json(path / "config.json") if (path / "config.json").is_file() else {}
+    if config.get("_class_name") != "AutoencoderKL":
+        raise ValueError(f"{what}: vae={text} is not an AutoencoderKL folder (config.json with _class_name "
+                         "AutoencoderKL) nor a pipeline folder holding vae/.")
+    return VAEFolder(path, config)
 
 
 def load_decoder(folder: PipelineFolder, device: torch.device) -> LatentDecoder:

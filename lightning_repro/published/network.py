@@ -22,7 +22,8 @@ from ..files import file_sha256 as sha256_of
 from ..kernels import get_kernel
 from ..precond import Precond, get_precond
 
-__all__ = ["PublishedNet", "PUBLISHED_KEY", "NETS", "save_converted", "read_converted", "sha256_of"]
+__all__ = ["PublishedNet", "PUBLISHED_KEY", "NETS", "PRESET_OF", "save_converted", "read_converted", "sha256_of",
+           "preset_mismatch", "preset_module"]
 
 PUBLISHED_KEY = "lightning_repro_published"
 NETS = ("SongUNet", "DhariwalUNet", "UViT", "DiT")
@@ -120,35 +121,64 @@ def _without_augment(p: PublishedNet) -> PublishedNet:
     return PublishedNet(p.net, {**p.net_kwargs, "augment_dim": 0}, state, p.precond, p.kernel_spec, info)
 
 
+#: the preset that holds each published network class (``DhariwalUNet``, ADM, has none)
+PRESET_OF = {"SongUNet": "DDPMpp", "UViT": "UViT", "DiT": "DiT"}
+
+
+def _preset_plan(p: PublishedNet) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
+    """(p's network kwargs, the settings its preset fixes, the settings the preset takes)."""
+    kw = dict(p.net_kwargs)
+    if p.net == "SongUNet":
+        fixed = {"embedding_type": "positional", "encoder_type": "standard", "channel_mult_noise": 1,
+                 "channel_mult_emb": 4, "resample_filter": [1, 1], "swap_sin_cos": True, "augment_dim": 0}
+        return kw, fixed, ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+    if p.net == "UViT":
+        fixed = {"qkv_bias": False, "mlp_time_embed": False, "conv": True, "skip": True}
+        return kw, fixed, ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+    if not p.num_classes:  # no label table: the dropout probability builds nothing
+        kw.pop("class_dropout_prob", None)
+    return kw, {"learn_sigma": False, "class_dropout_prob": 0.1}, ("patch_size", "hidden_size", "depth", "num_heads",
+                                                                  "mlp_ratio")
+
+
+def preset_mismatch(p: PublishedNet) -> str | None:
+    """None when a suite preset builds exactly ``p``'s network; else what it would need, as a clause, e.g.
+    ``"the DDPMpp preset builds embedding_type='positional', this network has 'fourier'"``."""
+    p = _without_augment(p)
+    if p.net not in PRESET_OF:
+        return f"no suite preset builds a {p.net} network"
+    kw, fixed, own = _preset_plan(p)
+    for k, v in fixed.items():
+        if kw.get(k, v) != v:
+            return f"the {PRESET_OF[p.net]} preset builds {k}={v!r}, this network has {kw[k]!r}"
+    extra = sorted(set(kw) - {"img_resolution", "in_channels", "out_channels", "num_classes"} - set(fixed) - set(own))
+    if extra:
+        return f"the {PRESET_OF[p.net]} preset has no setting {extra[0]} (this network: {kw[extra[0]]!r})"
+    return None
+
+
+def preset_module(p: PublishedNet):
+    """The suite preset module that builds exactly ``p``'s network (``map_augment`` dropped, see
+    ``save_converted``), with ``p``'s kernel and preconditioning and ``p``'s weights in both the model and the EMA;
+    None when ``preset_mismatch(p)`` names a difference."""
+    p = _without_augment(p)
+    module = _preset_module(p)
+    if module is not None:
+        module.ema.net.load_state_dict(p.state_dict)
+        module.model.net.load_state_dict(p.state_dict)
+    return module
+
+
 def _preset_module(p: PublishedNet):
     """The suite preset that builds exactly ``p``'s network, with ``p``'s kernel and preconditioning, or None."""
     from ..module import EDM, DiT, UViT
 
-    if p.net == "DhariwalUNet":  # no preset builds ADM
+    if preset_mismatch(p) is not None:
         return None
-    kw = dict(p.net_kwargs)
+    kw, _, own = _preset_plan(p)
     common = dict(kernel=p.kernel_spec["name"], kernel_kwargs=p.kernel_spec.get("kwargs") or {},
                   precond=p.precond, image_shape=p.image_shape, num_classes=p.num_classes)
-    keys = {"img_resolution", "in_channels", "out_channels", "num_classes"}
-    if p.net == "SongUNet":
-        fixed = {"embedding_type": "positional", "encoder_type": "standard", "channel_mult_noise": 1,
-                 "channel_mult_emb": 4, "resample_filter": [1, 1], "swap_sin_cos": True, "augment_dim": 0}
-        own = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
-        cls = EDM
-    elif p.net == "UViT":
-        fixed = {"qkv_bias": False, "mlp_time_embed": False, "conv": True, "skip": True}
-        own = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-        cls = UViT
-    else:
-        if not p.num_classes:  # no label table: the dropout probability builds nothing
-            kw.pop("class_dropout_prob", None)
-        fixed = {"learn_sigma": False, "class_dropout_prob": 0.1}
-        own = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio")
-        cls = DiT
-    if any(kw.get(k, v) != v for k, v in fixed.items()) or set(kw) - keys - set(fixed) - set(own):
-        return None
-    if p.net == "DiT" and p.num_classes and kw.get("class_dropout_prob", 0.1) == 0:
-        return None
+    cls = {"SongUNet": EDM, "UViT": UViT, "DiT": DiT}[p.net]
     return cls(**{k: kw[k] for k in own if k in kw}, **common)
 
 

@@ -15,7 +15,9 @@ the released widths unless given).  Two layouts differ:
 
 Noise kernels: U-ViT's pixel models are continuous VP epsilon-predictors fed ``999 t`` (``vp`` + ``eps``); DiT is
 DDPM's 1000-step linear schedule fed the timestep (``vp_discrete`` + ``ddpm``).  Latent models (4 input
-channels) need the Stable Diffusion VAE to decode and are refused here.
+channels, e.g. DiT's released ImageNet models: 4 x 32 x 32 latents of the Stable Diffusion VAE) are read with
+``latent=True`` only (their ``image_shape`` is then the latent shape; the caller decodes with the VAE, the
+``?vae=`` option of the ``uvit:`` / ``dit:`` references); without it they are refused.
 """
 
 from __future__ import annotations
@@ -80,19 +82,24 @@ def _labels(table: Tensor, null_row: str, path: Path) -> tuple[int, Tensor, bool
     return table.shape[0] - 1, table, True
 
 
-def _pixel_only(channels: int, path: Path, what: str) -> None:
-    if channels == 4:
+def _pixel_only(channels: int, path: Path, what: str, latent: bool = False) -> None:
+    """Pixel models pass; a latent one (4 channels) only with ``latent`` (its VAE given), and ``latent`` only it."""
+    if channels == 4 and not latent:
         raise ValueError(f"{path} is a latent {what} (4 channels), which needs the Stable Diffusion VAE decoder; "
                          "only pixel-space models are supported here.")
+    if latent and channels != 4:
+        raise ValueError(f"{path} is a pixel-space {what} ({channels} channels); a VAE (?vae=) applies to latent "
+                         "models (4 channels) only.")
 
 
 def read_uvit(path: str | Path, num_heads: int | None = None, null_row: str = "last",
-              kernel: str = "vp") -> PublishedNet:
-    """baofff/U-ViT state dict -> ``PublishedNet`` (``UViT``, epsilon-prediction on ``kernel``)."""
+              kernel: str = "vp", latent: bool = False) -> PublishedNet:
+    """baofff/U-ViT state dict -> ``PublishedNet`` (``UViT``, epsilon-prediction on ``kernel``; ``latent``: a
+    4-channel latent model is accepted)."""
     sd, path = _load(path, "U-ViT")
     w = _require(sd, "patch_embed.proj.weight", path, "U-ViT")
     width, channels, patch = w.shape[0], w.shape[1], w.shape[-1]
-    _pixel_only(channels, path, "U-ViT")
+    _pixel_only(channels, path, "U-ViT", latent)
     kw: dict[str, Any] = {"in_channels": channels, "patch_size": patch, "embed_dim": width}
     kw["depth"] = 2 * len({k.split(".")[1] for k in sd if k.startswith("in_blocks.")})
     kw["mlp_ratio"] = _require(sd, "mid_block.mlp.fc1.weight", path, "U-ViT").shape[0] / width
@@ -108,18 +115,19 @@ def read_uvit(path: str | Path, num_heads: int | None = None, null_row: str = "l
     kw["num_classes"] = num_classes
     kw["img_resolution"] = patch * math.isqrt(_require(sd, "pos_embed", path, "U-ViT").shape[1] - extras)
     info = {"format": "uvit-state-dict", "arch": "uvit", "kernel": kernel, "sha256": sha256_of(path),
-            "null_row": null_row if num_classes else None}
+            "null_row": null_row if num_classes else None, "latent": bool(latent)}
     return PublishedNet("UViT", {"img_resolution": kw.pop("img_resolution"), **kw}, sd, "eps",
                         {"name": kernel, "kwargs": {}}, info)
 
 
 def read_dit(path: str | Path, num_heads: int | None = None, null_row: str = "last",
-             kernel: str = "vp_discrete") -> PublishedNet:
-    """facebookresearch/DiT state dict -> ``PublishedNet`` (``DiT`` without ``learn_sigma``, DDPM timesteps)."""
+             kernel: str = "vp_discrete", latent: bool = False) -> PublishedNet:
+    """facebookresearch/DiT state dict -> ``PublishedNet`` (``DiT`` without ``learn_sigma``, DDPM timesteps;
+    ``latent``: a 4-channel latent model is accepted)."""
     sd, path = _load(path, "DiT")
     w = _require(sd, "x_embedder.proj.weight", path, "DiT")
     width, channels, patch = w.shape[0], w.shape[1], w.shape[-1]
-    _pixel_only(channels, path, "DiT")
+    _pixel_only(channels, path, "DiT", latent)
     kw: dict[str, Any] = {"in_channels": channels, "out_channels": channels, "patch_size": patch, "hidden_size": width}
     kw["img_resolution"] = patch * math.isqrt(_require(sd, "pos_embed", path, "DiT").shape[1])
     kw["depth"] = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
@@ -139,6 +147,7 @@ def read_dit(path: str | Path, num_heads: int | None = None, null_row: str = "la
         sd["y_embedder.embedding_table.weight"] = table
         kw["num_classes"], kw["class_dropout_prob"] = num_classes, 0.1 if has_null else 0.0
     info = {"format": "dit-state-dict", "arch": "dit", "kernel": kernel, "sha256": sha256_of(path),
-            "learn_sigma": out_c == 2 * channels, "null_row": null_row if kw["num_classes"] else None}
+            "learn_sigma": out_c == 2 * channels, "null_row": null_row if kw["num_classes"] else None,
+            "latent": bool(latent)}
     return PublishedNet("DiT", kw, sd, "ddpm" if kernel in ("vp_discrete", "ddpm") else "eps",
                         {"name": kernel, "kwargs": {}}, info)

@@ -168,6 +168,7 @@ def sample(
     sigma_max: float | None = None,
     rho: float = 7.0,
     stats: dict | None = None,
+    decode=None,
     **opts,
 ) -> Tensor:
     """Deterministic samples ``(len(seeds), *shape)``, float (``dtype``) in [-1, 1] (clamped), on the CPU.
@@ -178,12 +179,14 @@ def sample(
     * ``x_T = kernel.prior_scale * seed_noise(seeds, shape)``.
     * the other options are those of ``SolverConfig``; ``device``: default the denoiser's parameter device
       (CPU for plain callables); ``stats``: a dict that receives ``nfe`` (evaluations per sample, max over
-      batches), ``calls`` and ``sigmas``; ``opts`` go to the sampler.
+      batches), ``calls`` and ``sigmas``; ``decode(x, sigma_end)``: latent models' decoder (``shape`` is then the
+      latent shape, ``Reference.sample_shape``); ``opts`` go to the sampler.
 
     Runs under ``torch.inference_mode()`` in batches of ``batch_size``.
     """
     config = SolverConfig(sampler, steps, grid, guidance, batch_size, precision, dtype, sigma_min, sigma_max, rho, opts)
-    return sample_seeds(denoiser, kernel, parse_seeds(seeds), shape, config, labels, device, progress, stats)
+    return sample_seeds(denoiser, kernel, parse_seeds(seeds), shape, config, labels, device, progress, stats,
+                        decode=decode)
 
 
 def sample_seeds(denoiser, kernel: Kernel | str, seeds: list[int], shape: Sequence[int], config: SolverConfig,

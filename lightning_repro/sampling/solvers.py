@@ -15,8 +15,9 @@ ending in 0, see ``grids.get_sigmas``) and returns ``x_0``.  Signature of each:
                     step except the last one into sigma = 0; N steps cost ``2N - 1`` evaluations.
 * ``sample_dpmpp``  DPM-Solver++ multistep (Lu et al. 2022b, Alg. 2; data prediction) of order 1-3 in
                     ``lambda = -log sigma`` (alpha = 1 in the EDM variable).  Order 1 is DDIM/Euler exactly.
-                    The first steps warm up with lower orders; with ``lower_order_final`` (default) and
-                    fewer than 15 steps the last steps drop to lower order (as diffusers).  A final step
+                    The first steps warm up with lower orders; with ``lower_order_final`` and fewer
+                    than 15 steps the last steps drop to lower order (dpm-solver's rule by default,
+                    diffusers' with ``lower_order_final="diffusers"``; see ``sample_dpmpp``).  A final step
                     into sigma = 0 returns the last denoised ``D(x, sigma_{N-1})`` (DPM-Solver's
                     "denoise_to_zero"), so N steps cost N evaluations.
 * ``sample_ode``    torchdiffeq ``odeint`` (adaptive dopri5, rtol = atol = 1e-5) of the same ODE in the
@@ -57,6 +58,8 @@ __all__ = [
     "sample_ddim",
     "sample_heun",
     "sample_dpmpp",
+    "LOWER_ORDER_FINAL",
+    "lower_order_rule",
     "sample_dpmpp_2m",
     "sample_dpmpp_3m",
     "sample_ode",
@@ -201,6 +204,22 @@ def sample_heun(
     return x
 
 
+#: the rules ``sample_dpmpp(lower_order_final=...)`` takes (``True`` is ``"dpm-solver"``, ``False`` is ``"off"``)
+LOWER_ORDER_FINAL = ("dpm-solver", "diffusers", "off")
+
+
+def lower_order_rule(value: bool | str) -> str:
+    """``lower_order_final`` (a bool or one of ``LOWER_ORDER_FINAL``, ``-``/``_`` alike) -> its canonical name."""
+    if isinstance(value, bool):
+        return "dpm-solver" if value else "off"
+    key = str(value).lower().replace("_", "-")
+    key = {"true": "dpm-solver", "dpmsolver": "dpm-solver", "false": "off", "none": "off"}.get(key, key)
+    if key not in LOWER_ORDER_FINAL:
+        raise ValueError(f"lower_order_final must be one of {', '.join(LOWER_ORDER_FINAL)} (or true / false), "
+                         f"got {value!r}.")
+    return key
+
+
 def sample_dpmpp(
     denoiser: Denoiser,
     x_T: Tensor,
@@ -208,7 +227,7 @@ def sample_dpmpp(
     labels: Tensor | None = None,
     *,
     order: int = 2,
-    lower_order_final: bool = True,
+    lower_order_final: bool | str = True,
     legacy_3m: bool = False,
     guidance: float = 1.0,
     stats: dict | None = None,
@@ -228,18 +247,35 @@ def sample_dpmpp(
     (measured on a Gaussian mixture: error ratio 2^2.1 per step doubling vs 2^3.1 here).  ``legacy_3m=True``
     reproduces their coefficient exactly.
 
-    Step ``i`` uses order ``min(order, i + 1)`` (warm-up); with ``lower_order_final`` and fewer than 15
-    steps the last steps use ``min(order, steps left)``.  The step into sigma = 0 returns the last
-    denoised value.  N steps cost N evaluations.
+    Step ``i`` uses order ``min(order, i + 1)`` (warm-up).  ``lower_order_final`` (``LOWER_ORDER_FINAL``), with
+    fewer than 15 steps, caps the order of the last steps at the number of steps left, counted as
+
+    * ``True`` / ``"dpm-solver"`` (default): over the steps between non-zero noise levels: the final step into
+      sigma = 0 is DPM-Solver's extra ``denoise_to_zero`` evaluation, so the last step *into* ``sigma_{N-1}`` is
+      first order (LuChengTHU/dpm-solver ``DPM_Solver.sample(method="multistep")``: ``step_order = min(order,
+      steps + 1 - step)``; its code applies it below 10 steps, its docstring and diffusers below 15: we use 15);
+    * ``"diffusers"``: over all steps, the one into sigma = 0 included (diffusers' ``DPMSolverMultistepScheduler``
+      ``lower_order_final`` / ``lower_order_second`` with ``final_sigmas_type="zero"``): the step into 0 is first
+      order, which is the last denoised value anyway, and the one before it at most second order, so 2M is not
+      lowered at all; on a grid ending at a non-zero sigma (``final_sigmas_type="sigma_min"``) both rules agree;
+    * ``False`` / ``"off"``: never (only the warm-up).
+
+    Decision: the default stays dpm-solver's rule, so the suite's existing DPM-Solver++ samples do not change; it
+    is also the more stable one at very few steps (the reason both libraries lower the order at all).  Sample
+    a diffusers pipeline with ``"diffusers"`` to reproduce the pipeline's own DPM-Solver++ below 15 steps.
+
+    The step into sigma = 0 returns the last denoised value.  N steps cost N evaluations.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order!r}.")
+    rule = lower_order_rule(lower_order_final)
     sig, sig_d = _grid(sigmas, x_T)
     D, labels = _prepare(denoiser, x_T, labels, guidance)
     n = len(sig) - 1
     n_ode = n - 1 if sig[-1] == 0 else n  # transitions between non-zero noise levels
     lam = [-math.log(s) if s > 0 else math.inf for s in sig]
-    lower_final = lower_order_final and n < 15
+    lower_final = rule != "off" and n < 15
+    left = n if rule == "diffusers" else n_ode  # steps the rule counts (diffusers: the one into 0 too)
     x = x_T
     hist: list[Tensor] = []  # previous denoised values, most recent last
     for i in range(n):
@@ -249,7 +285,7 @@ def sample_dpmpp(
             break
         k = min(order, i + 1)
         if lower_final:
-            k = min(k, n_ode - i)
+            k = min(k, left - i)
         h = lam[i + 1] - lam[i]
         phi1 = math.expm1(-h)
         x_next = torch.lerp(denoised, x, sig[i + 1] / sig[i])  # (s'/s) x - phi_1 D_0

@@ -7,8 +7,9 @@ is rescaled to the norm sqrt(D) of a typical N(0, I) draw (``rescale_to_sphere``
 is shorter), and so are the anchors.  Each model samples every grid noise and the three anchor noises with the
 same deterministic sampler (``sampling.sample_from_noise``); each grid image is labelled by its nearest anchor
 image (descriptor cosine), one coloured map per model; ``agreement(A, B)`` is the fraction of grid points with
-the same label.  Models: ``optimal`` (the optimal denoiser of the subset, Prop. 1), a checkpoint path (or
-``{checkpoint: PATH}``), or ``{class_path, init_args}`` (trained here on the subset).
+the same label.  Models: ``optimal`` (the optimal denoiser of the subset, Prop. 1), a checkpoint path or any model
+spec the evaluation takes (``edm:FILE.pkl``, ``uvit:`` / ``dit:FILE``, ``diffusers:DIR``, ``optimal:<data spec>``;
+or ``{checkpoint: SPEC}``), or ``{class_path, init_args}`` (trained here on the subset).
 
 Writes ``DIR/hyperplane.png`` (per model: its map, its anchor images, a mosaic of its samples),
 ``DIR/hyperplane.csv`` (agreement per pair of models), ``DIR/labels.npz`` and ``DIR/checkpoints/``.  Sizes,
@@ -121,13 +122,22 @@ def _kind(name: str, entry: Any) -> str:
     if isinstance(entry, dict) and "class_path" in entry:
         return "train"
     raise ValueError(
-        f"models.{name} must be 'optimal', a checkpoint path (or {{checkpoint: PATH}}) or "
-        f"{{class_path: ..., init_args: ...}}, got {entry!r}."
+        f"models.{name} must be 'optimal', a checkpoint path or model spec (e.g. edm:FILE.pkl; or "
+        f"{{checkpoint: SPEC}}) or {{class_path: ..., init_args: ...}}, got {entry!r}."
     )
 
 
-def _checkpoint_path(entry: Any) -> Path:
-    return Path(str(entry["checkpoint"] if isinstance(entry, dict) else entry)).expanduser()
+def _model_spec(entry: Any) -> str:
+    return str(entry["checkpoint"] if isinstance(entry, dict) else entry).strip()
+
+
+def _checkpoint_path(entry: Any) -> Path | None:
+    """The suite checkpoint an entry names; None for a ``kind:`` model spec (``edm:``, ``diffusers:``, ...)."""
+    from ..evaluation.references import REFERENCES
+
+    spec = _model_spec(entry)
+    kind, sep, _ = spec.partition(":")
+    return None if sep and kind in REFERENCES else Path(spec).expanduser()
 
 
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> dict[str, TrainJob]:
@@ -145,25 +155,35 @@ def _check(cfg: dict[str, Any]) -> None:
     if not isinstance(models, dict) or len(models) < 1:
         raise ValueError("models must be a non-empty mapping of name -> 'optimal' | checkpoint path | {class_path}.")
     for name, entry in models.items():
-        if _kind(name, entry) == "checkpoint" and not _checkpoint_path(entry).is_file():
-            raise FileNotFoundError(f"models.{name}: checkpoint {_checkpoint_path(entry)} does not exist.")
+        path = _checkpoint_path(entry) if _kind(name, entry) == "checkpoint" else None
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"models.{name}: checkpoint {path} does not exist.")
     seeds = cfg["plane"]["seeds"]
     if (not isinstance(seeds, list) or len(seeds) != 3 or len(set(seeds)) != 3
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
         raise ValueError(f"plane.seeds must be three different non-negative integers, got {seeds!r}.")
 
 
-def _checkpoint_denoiser(name: str, path: Path, shape, source: str, device) -> tuple[Any, Any]:
-    """The EMA denoiser and kernel of a given checkpoint; one sentence unless it is unconditional and of ``shape``."""
-    from ..module import load_denoiser
+def _checkpoint_denoiser(name: str, spec: str, shape, cfg: dict[str, Any], device) -> tuple[Any, Any]:
+    """The denoiser and kernel of a given model spec (``evaluation.resolve_model``: a checkpoint's EMA denoiser, a
+    published model, ...); one sentence unless it is an unconditional pixel-space model of ``shape``."""
+    from types import SimpleNamespace
 
-    den, kernel = load_denoiser(path, device)
-    if tuple(den.checkpoint_meta["image_shape"]) != tuple(shape):
-        raise ValueError(f"models.{name}: {path} makes {tuple(den.checkpoint_meta['image_shape'])} "
-                         f"images but the training data {source} has {tuple(shape)}.")
-    if den.checkpoint_meta.get("num_classes"):
-        raise ValueError(f"models.{name}: {path} is class-conditional; the plane maps need unconditional models.")
-    return den, kernel
+    from ..evaluation.references import resolve_model
+
+    data = subset_kwargs(cfg["data"], int(cfg["size"]), batch_size=None)  # what optimal:<no source> means
+    try:
+        ref = resolve_model(spec, SimpleNamespace(data=data, kernel_spec={"name": cfg["kernel"], "kwargs": {}}))
+    except ValueError as err:
+        raise ValueError(f"models.{name}: {err}") from None
+    if tuple(ref.sample_shape) != tuple(ref.image_shape):
+        raise ValueError(f"models.{name}: {spec} is a latent model; the plane maps are drawn in image space.")
+    if tuple(ref.image_shape) != tuple(shape):
+        raise ValueError(f"models.{name}: {spec} makes {tuple(ref.image_shape)} "
+                         f"images but the training data {cfg['data']['source']} has {tuple(shape)}.")
+    if ref.num_classes:
+        raise ValueError(f"models.{name}: {spec} is class-conditional; the plane maps need unconditional models.")
+    return ref.denoiser(torch.device(device)), ref.kernel()
 
 
 def _denoisers(cfg: dict[str, Any], train_jobs: dict[str, TrainJob], images: Tensor, device) -> dict[str, tuple]:
@@ -177,8 +197,8 @@ def _denoisers(cfg: dict[str, Any], train_jobs: dict[str, TrainJob], images: Ten
         if kind == "train":
             out[name] = trained_denoiser(train_jobs[name], device)[:2]
         elif kind == "checkpoint":
-            out[name] = _checkpoint_denoiser(name, _checkpoint_path(entry), images.shape[1:], cfg["data"]["source"],
-                                             device)
+            spec = str(_checkpoint_path(entry) or _model_spec(entry))
+            out[name] = _checkpoint_denoiser(name, spec, images.shape[1:], cfg, device)
     ref_kernel = next(iter(out.values()))[1] if out else get_kernel(cfg["kernel"])
     for name, entry in cfg["models"].items():
         if _kind(name, entry) == "optimal":
