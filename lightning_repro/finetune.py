@@ -147,7 +147,9 @@ class FineTuning:
         different architecture, or parameters whose names or shapes differ (naming the first few).
         """
         path = str(path if path is not None else self.hparams.init_from)
-        meta, state, provenance = _published_init(path) if _is_spec(path) else _checkpoint_init(path)
+        from .evaluation.references import is_model_spec
+
+        meta, state, provenance = _published_init(path) if is_model_spec(path) else _checkpoint_init(path)
         self.check_compatible(meta, path)
         own = self.ema.state_dict()
         shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -187,12 +189,6 @@ class FineTuning:
 # ------------------------------------------------------------------------------------------- init_from sources
 
 
-def _is_spec(text: str) -> bool:
-    """Whether ``init_from`` is a ``kind:`` model spec (``edm:``, ``dit:``, ``optimal:``, ...), not a path."""
-    from .evaluation.references import REFERENCES
-
-    kind, sep, _ = text.partition(":")
-    return bool(sep) and kind in REFERENCES
 
 
 def _checkpoint_init(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -39,22 +39,17 @@ __all__ = ["generated_source", "generated_cache_path", "GENERATED_DEFAULT_SEEDS"
 GENERATED_DEFAULT_SEEDS = "1000000-1000255"
 
 
-def _prefixed(text: str) -> bool:
-    """Whether ``text`` is a ``kind:`` model spec (``edm:``, ``optimal:``, ...) rather than a checkpoint path."""
-    from .evaluation.references import REFERENCES
-
-    kind, sep, _ = text.partition(":")
-    return bool(sep) and kind in REFERENCES
 
 
 def _checked_teacher(checkpoint: str | os.PathLike | None, seeds: str | int | list[int]) -> tuple[str, list[int]]:
     """The teacher's spec (a checkpoint that must exist, or a model spec) and the parsed seeds, or one sentence."""
+    from .evaluation.references import is_model_spec
     from .sampling.noise import parse_seeds
 
     if checkpoint is None:
         raise ValueError("generated source: give the teacher checkpoint (source_kwargs checkpoint: PATH).")
     text = str(checkpoint)
-    if not _prefixed(text):
+    if not is_model_spec(text):
         ckpt = Path(text).expanduser()
         if not ckpt.is_file():
             raise FileNotFoundError(f"generated source: teacher checkpoint {ckpt} does not exist.")
@@ -176,7 +171,9 @@ def _generated_info(checkpoint: str | os.PathLike | None = None, seeds: str | in
                     **_) -> SourceInfo:
     """The teacher's image shape and classes, from its checkpoint's metadata or its reference (nothing is sampled)."""
     text, seed_list = _checked_teacher(checkpoint, seeds)
-    if _prefixed(text):
+    from .evaluation.references import is_model_spec
+
+    if is_model_spec(text):
         ref = _resolve(text)
         shape, num_classes = tuple(int(v) for v in ref.image_shape), int(ref.num_classes or 0)
         return SourceInfo(shape, num_classes, num_classes > 0, len(seed_list), _class_counts(seed_list, num_classes))

@@ -28,6 +28,7 @@ from .common import json_safe, safe_name
 from .shards import SampleSet, SamplingOptions, generate_samples, load_samples
 
 __all__ = [
+    "is_model_spec",
     "Reference",
     "CheckpointReference",
     "OptimalReference",
@@ -374,6 +375,12 @@ class SamplesReference(Reference):
             f"{self.label}: {len(seeds)} stored samples from {self.text} ({p.get('sampler')}, {p.get('steps')} steps)"
         )
         return s
+
+
+def is_model_spec(text: str) -> bool:
+    """Whether ``text`` is a ``kind:`` model spec (``edm:``, ``dit:``, ``optimal:``, ...) rather than a file path."""
+    kind, sep, _ = str(text).partition(":")
+    return bool(sep) and kind in REFERENCES
 
 
 def _kind_of(text: str) -> tuple[type[Reference], str]:
