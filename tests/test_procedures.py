@@ -89,3 +89,14 @@ def test_quick_run_samples_each_procedure_with_its_own_sampler(tmp_path, capsys)
     log = capsys.readouterr().out
     assert re.search(r"^training \d+ model", log, re.M) is None and "generated 1 shard" not in log
     assert again == rows  # every checkpoint and every sample shard reused
+
+
+def test_size_flag_sets_the_regime_and_its_own_output_folder(monkeypatch):
+    from lightning_repro.studies import procedures
+
+    seen = []
+    monkeypatch.setattr(procedures, "run", lambda cfg: seen.append(cfg) or [])
+    STUDY.main(["--size", "16"])
+    STUDY.main(["--size", "16", "--out", "elsewhere"])
+    STUDY.main([])
+    assert [(c["size"], c["out"]) for c in seen] == [(16, "outputs/fig6_N16"), (16, "elsewhere"), (None, "outputs/fig6")]
