@@ -24,7 +24,7 @@ from typing import Any
 from .outputs import finish, log, save_figure, write_csv
 from .protocol import Study, config_key, deep_merge
 from .steps import check_seed_count, prepare_output, source_image_shape, subset_kwargs
-from .training import TrainJob, module_kwargs_from, run_training_jobs, study_job
+from .training import TrainJob, arch_class, module_kwargs_from, run_training_jobs, study_job
 
 __all__ = ["STUDY", "QUICK", "COLUMNS", "model_entries", "training_rounds", "jobs", "compared_models", "run", "plot",
            "main"]
@@ -93,13 +93,19 @@ def training_rounds(models: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rounds
 
 
+def _writes_students(entry: dict[str, Any]) -> bool:
+    """Whether the entry is a progressive distillation (any name ``arch_class`` takes), whose students are compared."""
+    from ..progressive import ProgressiveDistillation
+
+    return issubclass(arch_class(entry["class_path"]), ProgressiveDistillation)
+
+
 def _train_section(cfg: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     """The common ``train`` section with the entry's own ``train`` merged in; a progressive distillation's steps
     default to ``steps_per_stage`` x its number of halvings."""
     tr = deep_merge(cfg["train"], entry.get("train") or {})
     ia = entry.get("init_args") or {}
-    if str(entry["class_path"]).rsplit(".", 1)[-1] == "ProgressiveDistillation" and "max_steps" not in (
-            entry.get("train") or {}):
+    if _writes_students(entry) and "max_steps" not in (entry.get("train") or {}):
         tr["max_steps"] = int(ia.get("steps_per_stage", 1000)) * len(ia.get("steps", (64, 32, 16, 8, 4, 2, 1)))
     return tr
 
@@ -118,7 +124,7 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> dict[str, TrainJo
         ckpt = ckpts / f"{name}_N{n or 'all'}_{keys[name]}.ckpt"
         arch = {"class_path": e["class_path"],
                 "init_args": {**(e.get("init_args") or {}), **{k: str(out[d].ckpt) for k, d in refs.items()}}}
-        if str(e["class_path"]).endswith("ProgressiveDistillation"):
+        if _writes_students(e):
             arch["init_args"]["students_dir"] = str(ckpt.with_suffix("")) + "_students"
         trainer = _curve_trainer(e, ckpt)
         out[name] = study_job(cfg, name, arch, image_shape, module_kwargs_from(cfg["kernel"], tr),
@@ -145,7 +151,7 @@ def compared_models(cfg: dict[str, Any], all_jobs: dict[str, TrainJob]) -> dict[
     out = {}
     for name, job in all_jobs.items():
         e = cfg["models"][name]
-        if str(e["class_path"]).endswith("ProgressiveDistillation"):
+        if _writes_students(e):
             for path in sorted(Path(job.arch["init_args"]["students_dir"]).glob("student_*steps.ckpt"), reverse=True):
                 k = int(path.stem.removeprefix("student_").removesuffix("steps"))
                 out[f"{name}{k}"] = {"ckpt": str(path), "sample": {}, "job": job}
