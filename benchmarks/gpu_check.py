@@ -17,14 +17,27 @@ Sections (each timed; a failing section is reported in the table and the others 
 6. **pipeline**  the real entry points on this device: ``train.py fit`` of a small EDM on digits with
                  ``bf16-mixed``, channels_last and the subset kept on the device (``data.on_device`` auto),
                  then ``evaluate.py sample --precision bf16`` of its checkpoint (1,000 seeds).
+7. **compile**   the compiled paths: per family of ``--compile-families`` (default DDPM++ and DiT at the CIFAR-10
+                 sizes), a ``DiffusionModule(compile=True)`` training step against the same step eager (both with
+                 the speed features on): compile time (the first steps' excess), steady ms/step, ratio and the
+                 break-even step count; then ``train.py fit`` of the pipeline's digits model with
+                 ``--model.init_args.compile true`` against the same fit eager, end to end (compile included).
+                 Each family runs only while the time budget (``--budget-s``) leaves room; a skipped one says so.
 
 The sample section also counts host-device synchronisations inside the Heun loop on a GPU
 (``torch.cuda.set_sync_debug_mode``): the count for 18 steps minus the count for 4 steps must be 0.
 
 The networks have random weights: throughput does not depend on them.
 
-    python benchmarks/gpu_check.py               # on a GPU: full size (target: at most 8 minutes on an H100)
+    python benchmarks/gpu_check.py               # on a GPU: full size (target: under 10 minutes on one H200)
     python benchmarks/gpu_check.py --dry-run     # tiny sizes on any device (checks the script itself)
+    python benchmarks/gpu_check.py --cpu-smoke   # tiny sizes on the CPU, compiled paths included (a few minutes)
+
+The summary table is printed even when the time limit interrupts a section (``gpu_check.sh`` sends SIGINT).
+
+``--cost-model`` runs nothing on a device: it counts FLOPs (``torch.utils.flop_counter`` on the meta device) and
+prints the GPU-hours of the paper's figures at published scale for a stated MFU and peak (estimates, see
+``cost_model``), plus the FLOPs of the digits configurations (to read CPU throughputs as GFLOP/s).
 """
 
 from __future__ import annotations
@@ -239,49 +252,28 @@ def section_sample(a, device) -> None:
         torch.cuda.empty_cache()
 
 
+def fit_argv(a, gpu: bool, root: Path, compile: bool) -> list[str]:
+    """``train.py fit`` of the pipeline's small digits EDM on this device (bf16-mixed and channels_last on a GPU)."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "train" / "digits_ddpmpp.yaml"
+    return ["fit", "--config", str(config), "--trainer.accelerator", "gpu" if gpu else "cpu", "--trainer.devices", "1",
+            "--trainer.precision", "bf16-mixed" if gpu else "32-true", "--trainer.logger", "false",
+            "--trainer.max_steps", "20" if a.dry_run else "200", "--trainer.limit_val_batches", "0",
+            "--trainer.enable_progress_bar", "false", "--model.init_args.channels_last", "true",
+            "--model.init_args.compile", str(compile).lower(), "--checkpoint.every_n_train_steps", "1000",
+            "--final_samples.num_samples", "16", "--trainer.default_root_dir", str(root),
+            "--data.batch_size", "32" if a.dry_run else "128"]
+
+
 def section_pipeline(a, device) -> None:
     import json
 
     from lightning_repro import evaluation as evaluate
     from lightning_repro.cli import main as train_main
 
-    root = Path(__file__).resolve().parents[1]
     gpu = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        cli = train_main(
-            [
-                "fit",
-                "--config",
-                str(root / "configs" / "train" / "digits_ddpmpp.yaml"),
-                "--trainer.accelerator",
-                "gpu" if gpu else "cpu",
-                "--trainer.devices",
-                "1",
-                "--trainer.precision",
-                "bf16-mixed" if gpu else "32-true",
-                "--trainer.logger",
-                "false",
-                "--trainer.max_steps",
-                "20" if a.dry_run else "200",
-                "--trainer.limit_val_batches",
-                "0",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--model.init_args.channels_last",
-                "true",
-                "--model.init_args.compile",
-                str(bool(a.compile)).lower(),
-                "--checkpoint.every_n_train_steps",
-                "1000",
-                "--final_samples.num_samples",
-                "16",
-                "--trainer.default_root_dir",
-                str(Path(tmp) / "run"),
-                "--data.batch_size",
-                "32" if a.dry_run else "128",
-            ]
-        )
+        cli = train_main(fit_argv(a, gpu, Path(tmp) / "run", compile=bool(a.compile)))
         dt = time.perf_counter() - t0
         steps = cli.trainer.global_step
         on_dev = cli.datamodule.stream_device(cli.trainer.strategy.root_device)
@@ -436,6 +428,141 @@ def section_optimal(a, device) -> None:
     )
 
 
+def forward_flops_per_image(cls, cfg, shape) -> float:
+    """Forward FLOPs of the network for one image (one sampler evaluation; counted on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        m = cls(kernel="edm", image_shape=shape, **cfg)
+    x = torch.randn(2, *shape, device="meta")
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m.model(x, torch.ones(2, device="meta"))
+    return fc.get_total_flops() / 2
+
+
+def sscd_flops_per_image(size: int = 320) -> float:
+    """Forward FLOPs of SSCD's ResNet-50 (512-d head) at ``size`` px."""
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = torchvision.models.resnet50(weights=None)
+        net.fc = torch.nn.Linear(2048, 512)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(torch.randn(1, 3, size, size, device="meta"))
+    return fc.get_total_flops()
+
+
+def cost_model(a) -> None:
+    """GPU-hours of the paper's figures at published scale: FLOPs / (MFU x peak).  Assumptions (flags):
+    Fig. 2 = ``--fig2-sizes`` training-set sizes x ``--fig2-widths`` DDPM++ widths (EDM's CIFAR-10 layout,
+    channel_mult [2, 2, 2], 4 blocks, attention at 16), each trained on ``--train-mimg`` million images, then
+    ``--samples`` Heun samples (``--nfe`` evaluations) and their SSCD features; Fig. 6 = ``--fig6-models``
+    models x ``--samples`` samples, each evaluation costing as the 55.7M DDPM++ (model_channels 128)."""
+    peak = (a.peak_tflops or 989.4) * 1e12
+    rate = a.mfu * peak
+
+    def hours(flop: float) -> float:
+        return flop / rate / 3600
+
+    print(f"cost model: {a.mfu:.0%} MFU of {peak / 1e12:g} TFLOP/s dense bf16 (H200 unless --peak-tflops); "
+          f"FLOPs counted by torch.utils.flop_counter (matmuls and convolutions), backward = counted; ESTIMATES")
+    shape, sscd = (3, 32, 32), sscd_flops_per_image()
+    print(f"  SSCD ResNet-50 at 320 px: {sscd / 1e9:.1f} GFLOP per image")
+    fig2_train = fig2_sample = 0.0
+    for w in a.fig2_widths:
+        cfg = dict(model_channels=w, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16])
+        tr, fw = train_flops_per_image(EDM, cfg, shape), forward_flops_per_image(EDM, cfg, shape)
+        one = hours(a.train_mimg * 1e6 * tr)
+        samp = hours(a.samples * (a.nfe * fw + sscd))
+        fig2_train += a.fig2_sizes * one
+        fig2_sample += a.fig2_sizes * samp
+        print(f"  DDPM++ width {w:>3}: {tr / 1e9:7.1f} GFLOP/img training, {fw / 1e9:6.1f} GFLOP/evaluation; "
+              f"one training of {a.train_mimg:g} Mimg {one:7.1f} GPU-h; {a.samples:,} samples x {a.nfe} NFE + SSCD "
+              f"{60 * samp:.2f} GPU-min")
+    print(f"  Fig. 2 ({a.fig2_sizes} sizes x {len(a.fig2_widths)} widths = {a.fig2_sizes * len(a.fig2_widths)} "
+          f"trainings): {fig2_train:,.0f} GPU-h training + {60 * fig2_sample:.1f} GPU-min sampling and SSCD")
+    fw = forward_flops_per_image(EDM, CIFAR10["DDPM++"][1], shape)
+    fig6 = hours(a.fig6_models * a.samples * (a.nfe * fw + sscd))
+    print(f"  Fig. 6 ({a.fig6_models} models x {a.samples:,} samples x {a.nfe} NFE of a {fw / 1e9:.1f}-GFLOP "
+          f"DDPM++ evaluation, + SSCD): {60 * fig6:.1f} GPU-min")
+    from compile_step import CONFIGS, model_spec
+
+    from lightning_repro.studies.training import arch_class
+
+    for name in CONFIGS:
+        spec = model_spec(name)
+        cls, cfg = arch_class(spec["class_path"]), dict(spec["init_args"])
+        cfg.pop("kernel", None)
+        cfg = {k: v for k, v in cfg.items() if k not in ("lr", "warmup_steps", "ema_halflife_kimg")}
+        print(f"  digits {name:12}: {train_flops_per_image(cls, cfg, (1, 8, 8)) / 1e6:8.2f} MFLOP/img training")
+
+
+#: the time budget's end (``time.perf_counter()``), set by ``main``
+DEADLINE = [float("inf")]
+
+
+def remaining() -> float:
+    return DEADLINE[0] - time.perf_counter()
+
+
+def section_compile(a, device) -> None:
+    """Compiled against eager training steps per family, then the compiled CLI fit (see the module docstring)."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "gcc", "clang++", "c++")):
+        row("compile", "torch.compile on CPU", "off: no compiler (inductor's CPU backend needs g++ / clang++)")
+        return
+    table, shape = (SMALL, (3, 16, 16)) if a.dry_run else (CIFAR10, (3, 32, 32))
+    batch, warm = (8 if a.dry_run else a.batch), 3
+    for fam in a.compile_families:
+        if remaining() < a.compile_reserve_s:
+            row("compile", f"{fam}: skipped", f"{remaining():.0f} s of the budget left (< {a.compile_reserve_s} s)")
+            continue
+        t_start = time.perf_counter()
+        prof = speed_profile(device, fam, compile=False)
+        eager, _ = make_step(fam, table, shape, batch, device, prof)
+        comp, _ = make_step(fam, table, shape, batch, device, {**prof, "compile": True})
+        first = []
+        for _ in range(warm):
+            sync(device)
+            t0 = time.perf_counter()
+            comp()
+            sync(device)
+            first.append(time.perf_counter() - t0)
+        t = time_steps({"eager": eager, "compiled": comp}, device, n=a.train_steps, repeats=a.train_repeats)
+        col = 0 if device.type == "cuda" else 1
+        e, c = t["eager"][col], t["compiled"][col]
+        compile_s = sum(first) - warm * t["compiled"][0]
+        even = f"{compile_s / (e - c):,.0f} steps" if e > c else "never (not faster)"
+        row("compile", f"{fam} batch {batch} [{'+'.join(k for k, v in prof.items() if v) or 'fp32'}+compile]",
+            f"{1e3 * c:.1f} vs eager {1e3 * e:.1f} ms/step; compile {compile_s:.0f} s; break-even {even}",
+            f"x{e / c:.2f} vs eager", time.perf_counter() - t_start)
+        del eager, comp
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if remaining() < a.compile_reserve_s:
+        row("compile", "train.py fit compile true: skipped", f"{remaining():.0f} s of the budget left")
+        return
+    _compiled_fit(a, device)
+
+
+def _compiled_fit(a, device) -> None:
+    """``train.py fit`` of the pipeline's model compiled and eager: wall time each, end to end, and the final loss."""
+    from lightning_repro.cli import main as train_main
+
+    gpu, out = device.type == "cuda", {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for compile in (False, True):
+            t0 = time.perf_counter()
+            cli = train_main(fit_argv(a, gpu, Path(tmp) / f"run_{compile}", compile=compile))
+            out[compile] = (time.perf_counter() - t0, float(cli.trainer.callback_metrics["train/loss"]),
+                            cli.trainer.global_step)
+    (te, le, steps), (tc, lc, _) = out[False], out[True]
+    row("compile", f"train.py fit digits EDM compile true, {steps} steps",
+        f"{tc:.0f} s vs eager {te:.0f} s end to end; final loss {lc:.4f} vs {le:.4f}", f"x{te / tc:.2f} vs eager", tc)
+
+
 SECTIONS = {
     "train": section_train,
     "sample": section_sample,
@@ -443,6 +570,7 @@ SECTIONS = {
     "gl": section_gl,
     "optimal": section_optimal,
     "pipeline": section_pipeline,
+    "compile": section_compile,
 }
 
 
@@ -453,6 +581,22 @@ def main(argv=None) -> int:
         epilog=__doc__,
     )
     p.add_argument("--dry-run", action="store_true", help="tiny sizes (any device): checks the script itself")
+    p.add_argument("--cost-model", action="store_true", help="print the FLOP-derived GPU-hours of Fig. 2 / Fig. 6 "
+                   "(runs nothing on a device)")
+    p.add_argument("--mfu", type=float, default=0.3, help="cost model: model-FLOP utilisation assumed (default 0.3)")
+    p.add_argument("--train-mimg", type=float, default=200.0, help="cost model: million images per training "
+                   "(default 200, EDM's CIFAR-10 schedule)")
+    p.add_argument("--fig2-sizes", type=int, default=10, help="cost model: training-set sizes of Fig. 2 (2^6..2^15)")
+    p.add_argument("--fig2-widths", type=int, nargs="*", default=[64, 128, 256], help="cost model: DDPM++ widths")
+    p.add_argument("--fig6-models", type=int, default=20, help="cost model: models of Fig. 6")
+    p.add_argument("--nfe", type=int, default=35, help="cost model: evaluations per sample (Heun 18: 35)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny sizes on the CPU, the compiled paths included (--dry-run --device cpu, DiT compiled)")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="time budget of the whole check: the compile section skips what no longer fits (default 540)")
+    p.add_argument("--compile-families", nargs="*", default=["DDPM++", "DiT"], help="families of the compile section")
+    p.add_argument("--compile-reserve-s", type=float, default=120.0,
+                   help="budget a compile-section item needs left to start (default 120 s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--families", nargs="*", default=["DDPM++", "DiT", "DDPM", "U-ViT"])
@@ -468,6 +612,14 @@ def main(argv=None) -> int:
         "--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)"
     )
     a = p.parse_args(argv)
+    if a.cost_model:
+        cost_model(a)
+        return 0
+    if a.cpu_smoke:
+        a.dry_run, a.device = True, "cpu"
+        if a.compile_families == ["DDPM++", "DiT"]:  # the default: one small compiled family is enough here
+            a.compile_families = ["DiT"]
+        a.compile_reserve_s = 0.0
     device = torch.device(a.device)
     torch.set_float32_matmul_precision("high")  # as the training CLI
     if device.type == "cpu" and not a.dry_run:
@@ -484,12 +636,17 @@ def main(argv=None) -> int:
         flush=True,
     )
     t_all = time.perf_counter()
+    DEADLINE[0] = t_all + a.budget_s
     failed = 0
     for key in a.sections:
         print(f"== {key}", flush=True)
         t0 = time.perf_counter()
         try:
             SECTIONS[key](a, device)
+        except KeyboardInterrupt:  # gpu_check.sh's time limit (SIGINT): the table of what finished
+            failed += 1
+            row(key, "INTERRUPTED", f"time limit after {time.perf_counter() - t_all:.0f} s")
+            break
         except Exception as err:  # report and go on: one table at the end whatever happens
             failed += 1
             traceback.print_exc()
@@ -508,7 +665,7 @@ def main(argv=None) -> int:
         if i == 0:
             print(line)
     print(line)
-    print(f"total {total:.0f} s (target <= 480 s on one H100-class GPU); {failed} section(s) failed")
+    print(f"total {total:.0f} s (budget {a.budget_s:.0f} s; target < 600 s on one H200); {failed} section(s) failed")
     return 1 if failed else 0
 
 

@@ -24,6 +24,7 @@ give the per-hook breakdown: where the CLI's extra time per step goes.
     python benchmarks/train_loop.py                          # all three, 3 repeats, steps 20..220
     python benchmarks/train_loop.py --configs demo_dit --repeats 5 --k1 420
     python benchmarks/train_loop.py --no-profile             # ratios only
+    python benchmarks/train_loop.py --against /tmp/base       # and this checkout's CLI against another's
 """
 
 from __future__ import annotations
@@ -206,12 +207,12 @@ class BareStep:
                 self.parts[key] += b - a
         self.k += 1
 
-    def timed(self, n: int) -> float:
-        """Wall seconds per step of the next ``n`` steps."""
-        t = time.perf_counter()
+    def timed(self, n: int) -> tuple[float, float]:
+        """``(wall, process CPU)`` seconds per step of the next ``n`` steps."""
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             self()
-        return (time.perf_counter() - t) / n
+        return (time.perf_counter() - t) / n, (time.process_time() - c) / n
 
 
 def run_bare(config: str, steps: int, k0: int, k1: int, root: Path, out: Path, profile: bool) -> None:
@@ -233,11 +234,12 @@ def run_bare(config: str, steps: int, k0: int, k1: int, root: Path, out: Path, p
 
 
 # ------------------------------------------------------------------------------ the driver
-def measure(kind: str, config: str, a, profile: bool = False) -> dict:
-    """One fresh process of ``kind`` (``cli`` | ``bare``) on ``config``: its JSON record."""
+def measure(kind: str, config: str, a, profile: bool = False, code: str | None = None) -> dict:
+    """One fresh process of ``kind`` (``cli`` | ``bare``) on ``config`` importing ``lightning_repro`` from ``code``
+    (default: this checkout): its JSON record."""
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline",
            "WANDB_SILENT": "true"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [code or str(ROOT), str(HERE), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--configs", config,
@@ -267,16 +269,24 @@ def cpu_model() -> str:
 
 
 def ratios(config: str, a) -> dict:
-    """Alternate cli / bare ``a.repeats`` times; medians of steps/s (wall and CPU) and their ratio."""
-    runs = {"cli": [], "bare": []}
+    """Alternate cli / bare (/ the ``--against`` checkout's cli) ``a.repeats`` times; medians of steps/s (wall and
+    CPU) and their ratios."""
+    kinds = {"cli": ("cli", None), "bare": ("bare", None)}
+    if a.against:
+        kinds["against"] = ("cli", a.against)
+    runs = {k: [] for k in kinds}
     for _ in range(a.repeats):
-        for kind in ("cli", "bare"):
-            runs[kind].append(measure(kind, config, a))
+        for k, (kind, code) in kinds.items():
+            runs[k].append(measure(kind, config, a, code=code))
     med = {k: {c: statistics.median(r["timed"] / r[c] for r in v) for c in ("wall", "cpu")} for k, v in runs.items()}
     digests = {k: {r["ema"] for r in v} for k, v in runs.items()}
-    return {"config": config, "median": med, "ratio_wall": med["bare"]["wall"] / med["cli"]["wall"],
-            "ratio_cpu": med["bare"]["cpu"] / med["cli"]["cpu"], "digests": digests,
-            "all": {k: [round(r["timed"] / r["wall"], 1) for r in v] for k, v in runs.items()}}
+    out = {"config": config, "median": med, "ratio_wall": med["bare"]["wall"] / med["cli"]["wall"],
+           "ratio_cpu": med["bare"]["cpu"] / med["cli"]["cpu"], "digests": digests,
+           "all": {k: [round(r["timed"] / r["wall"], 1) for r in v] for k, v in runs.items()}}
+    if a.against:
+        out.update(speedup_wall=med["cli"]["wall"] / med["against"]["wall"],
+                   speedup_cpu=med["cli"]["cpu"] / med["against"]["cpu"])
+    return out
 
 
 def breakdown(config: str, a) -> None:
@@ -309,6 +319,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--k1", type=int, default=220, help="end of the timed window (the run makes k1 + 1 steps)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the demo's 1)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-hook breakdown")
+    p.add_argument("--against", metavar="DIR", help="also time the CLI of the lightning_repro in DIR (another "
+                   "checkout, e.g. `git worktree add /tmp/base main`), interleaved: this checkout's speed-up over it")
     p.add_argument("--worker", choices=["cli", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -336,9 +348,16 @@ def main(argv=None) -> list[dict]:
         r = ratios(config, a)
         same = "identical EMA" if len(r["digests"]["cli"] | r["digests"]["bare"]) == 1 else \
             f"EMA DIFFERS {r['digests']}"
-        print(f"{config:12} cli {r['median']['cli']['wall']:6.1f} steps/s  bare {r['median']['bare']['wall']:6.1f}"
-              f" steps/s  cli/bare time x{r['ratio_wall']:.3f} (CPU time x{r['ratio_cpu']:.3f})  {same}  "
+        m = r["median"]
+        print(f"{config:12} cli {m['cli']['wall']:6.1f} steps/s ({m['cli']['cpu']:.1f} per CPU s)  bare "
+              f"{m['bare']['wall']:6.1f} steps/s ({m['bare']['cpu']:.1f} per CPU s)  cli/bare time x{r['ratio_wall']:.3f} "
+              f"(CPU time x{r['ratio_cpu']:.3f})  {same}  "
               f"runs cli {r['all']['cli']} bare {r['all']['bare']}  load {load()}", flush=True)
+        if a.against:
+            same = "identical EMA" if r["digests"]["against"] == r["digests"]["cli"] else "EMA DIFFERS"
+            print(f"{'':12} against {a.against}: cli {r['median']['against']['wall']:6.1f} steps/s; this checkout's "
+                  f"CLI x{r['speedup_wall']:.3f} faster (CPU time x{r['speedup_cpu']:.3f}), {same}, runs "
+                  f"{r['all']['against']}", flush=True)
         rows.append(r)
         if not a.no_profile:
             breakdown(config, a)
