@@ -1,9 +1,11 @@
 """``torch.compile`` against eager training steps for every digits preset on CPU: the steady-state ratio, the
 compile time (separately) and the break-even step count (issue 18).
 
-Networks: the model pieces ``configs/model/digits_{ddpm,ddpmpp,uvit,dit}.yaml`` and the demo's DDPM++ (16 channels;
-the demo's DiT is ``digits_dit``'s network), batch 64 of the 8x8 digits; each is decided for the run lengths of
-the trainings that use it (``configs/train/digits_*.yaml``: ``trainer.max_steps``; the demo: ``demo.DEFAULT_STEPS``).
+Networks: every denoiser preset of the digits training configs (``configs/train/digits_{ddpm_ve,ddpmpp,ddpmpp_vp,
+uvit,dit,multistage}.yaml``) and the demo's two (``demo_{ddpmpp,dit}.yaml``), built by the real CLI from the config
+(its batch, data and seed); each is decided for the run lengths of the trainings that use it (their
+``trainer.max_steps``; the demo: ``demo.FAMILIES``).  The consistency and progressive-distillation presets train
+these same networks under another loss and are not timed here.
 Both arms run the bare training step of ``train_loop.BareStep`` (the module's loss, AdamW + LR schedule, EMA, batches of its data
 module) on modules built from the same seed; the compiled arm is ``DiffusionModule(compile=True)``: inductor
 compiles the preconditioned network's forward and, through AOTAutograd, its backward at the first step.
@@ -46,14 +48,16 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-#: network -> (model piece, demo family whose overrides apply or None, runs: {run name: training config or demo family})
+#: network -> (the training config that defines it, its runs: {run name: training config, or "demo:FAMILY"})
 CONFIGS = {
-    "ddpm": ("digits_ddpm.yaml", None, {"digits_ddpm_ve": "digits_ddpm_ve.yaml"}),
-    "ddpmpp": ("digits_ddpmpp.yaml", None, {"digits_ddpmpp": "digits_ddpmpp.yaml", "digits_ddpmpp_vp":
-                                              "digits_ddpmpp_vp.yaml", "digits_ddpmpp_cond": "digits_ddpmpp_cond.yaml"}),
-    "uvit": ("digits_uvit.yaml", None, {"digits_uvit": "digits_uvit.yaml"}),
-    "dit": ("digits_dit.yaml", None, {"digits_dit": "digits_dit.yaml", "demo dit": "dit"}),
-    "demo_ddpmpp": ("digits_ddpmpp.yaml", "edm", {"demo edm": "edm"}),
+    "ddpm": ("digits_ddpm_ve.yaml", {"digits_ddpm_ve": "digits_ddpm_ve.yaml"}),
+    "ddpmpp": ("digits_ddpmpp.yaml", {"digits_ddpmpp": "digits_ddpmpp.yaml", "digits_ddpmpp_cond": "digits_ddpmpp_cond.yaml"}),
+    "ddpmpp_vp": ("digits_ddpmpp_vp.yaml", {"digits_ddpmpp_vp": "digits_ddpmpp_vp.yaml"}),
+    "uvit": ("digits_uvit.yaml", {"digits_uvit": "digits_uvit.yaml"}),
+    "dit": ("digits_dit.yaml", {"digits_dit": "digits_dit.yaml"}),
+    "multistage": ("digits_multistage.yaml", {"digits_multistage": "digits_multistage.yaml"}),
+    "demo_ddpmpp": ("demo_ddpmpp.yaml", {"demo ddpmpp": "demo:ddpmpp"}),
+    "demo_dit": ("demo_dit.yaml", {"demo dit": "demo:dit"}),
 }
 
 
@@ -65,43 +69,31 @@ def compiler() -> str | None:
     return None
 
 
-def model_spec(name: str) -> dict:
-    """``{"class_path", "init_args"}`` of a configuration (the demo's command-line overrides applied)."""
-    piece, family, _ = CONFIGS[name]
-    spec = yaml.safe_load((ROOT / "configs" / "model" / piece).read_text())
-    if family is not None:
-        from lightning_repro.demo import FAMILIES
-
-        args = FAMILIES[family][2:]  # after "--config FILE"
-        for key, value in zip(args[::2], args[1::2]):
-            spec["init_args"][key.removeprefix("--model.init_args.")] = yaml.safe_load(value)
-    return spec
-
-
 def run_lengths(name: str) -> dict[str, int]:
     """Training steps of each run of the network: its training configs' ``trainer.max_steps``, the demo's default."""
-    from lightning_repro.demo import DEFAULT_STEPS
+    from lightning_repro.demo import FAMILIES
 
     out = {}
-    for run, source in CONFIGS[name][2].items():
-        if source.endswith(".yaml"):
-            out[run] = int(yaml.safe_load((ROOT / "configs" / "train" / source).read_text())["trainer"]["max_steps"])
+    for run, source in CONFIGS[name][1].items():
+        if source.startswith("demo:"):
+            out[run] = int(FAMILIES[source.removeprefix("demo:")][1])
         else:
-            out[run] = int(DEFAULT_STEPS[source])
+            out[run] = int(yaml.safe_load((ROOT / "configs" / "train" / source).read_text())["trainer"]["max_steps"])
     return out
 
 
-def make_step(name: str, compile: bool):
-    """A ``BareStep`` of the configuration (seed 0 weights, batch 64 of all digits)."""
-    import torch
+def make_step(name: str, compile: bool, root: str):
+    """A ``BareStep`` of the configuration's module and data module as ``train.py fit --config`` builds them
+    (seed_everything of the config, so both arms start from the same weights), ``compile`` set by the arm."""
     from train_loop import BareStep
 
-    from lightning_repro.data import SubsetDataModule
-    from lightning_repro.studies.training import build_module
+    from lightning_repro.cli import main
 
-    torch.manual_seed(0)
-    module = build_module(model_spec(name), (1, 8, 8), compile=compile)
-    return BareStep(module, SubsetDataModule(source="digits", batch_size=64))
+    config = ROOT / "configs" / "train" / CONFIGS[name][0]
+    cli = main(["--config", str(config), "--model.init_args.compile", str(compile).lower(),
+                "--trainer.default_root_dir", root, "--trainer.logger", "false"], run=False)
+    cli.datamodule.setup("fit")
+    return BareStep(cli.model, cli.datamodule, max_steps=max(run_lengths(name).values()))
 
 
 def cpu_seconds() -> float:
@@ -116,7 +108,13 @@ def worker(name: str, phase: str, a) -> dict:
 
     torch.set_num_threads(a.threads)
     torch.set_float32_matmul_precision("high")  # as the training CLI
-    eager, comp = make_step(name, False), make_step(name, True)
+    with tempfile.TemporaryDirectory() as root:
+        eager, comp = make_step(name, False, root), make_step(name, True, root)
+        return _rounds(eager, comp, phase, a)
+
+
+def _rounds(eager, comp, phase: str, a) -> dict:
+    """The first ``a.warm`` compiled steps (compile time), then interleaved eager / compiled rounds."""
     for _ in range(a.warm):
         eager()
     first = []
@@ -133,7 +131,8 @@ def worker(name: str, phase: str, a) -> dict:
     diff = max((p - q).abs().max().item() for p, q in zip(eager.module.ema.parameters(), comp.module.ema.parameters()))
     med = {k: [statistics.median(r[i] for r in v) for i in (0, 1)] for k, v in rounds.items()}
     return {"first": first, "eager": med["eager"], "compiled": med["compiled"], "ema_max_abs_diff": diff,
-            "steps_each": eager.k, "params": sum(p.numel() for p in eager.module.model.parameters())}
+            "steps_each": eager.k, "params": sum(p.numel() for p in eager.module.model.parameters()),
+            "batch": eager.batch}
 
 
 def spawn(name: str, phase: str, cache: str, a) -> dict:
@@ -190,7 +189,7 @@ def main(argv=None) -> list[dict]:
 
     cxx = compiler()
     print(f"device: {cpu_model()} ({os.cpu_count()} cores), {a.threads} torch thread(s), torch {torch.__version__}, "
-          f"C++ compiler: {cxx or 'NONE'}; batch 64 x 1x8x8; median of {a.rounds} interleaved rounds of {a.steps} "
+          f"C++ compiler: {cxx or 'NONE'}; each config's own batch of 8x8 digits; median of {a.rounds} interleaved rounds of {a.steps} "
           f"steps; load average {load()}", flush=True)
     if cxx is None:
         for name in a.configs:
@@ -210,7 +209,7 @@ def main(argv=None) -> list[dict]:
             continue
         runs = "; ".join(f"{run} {v['steps']}: {v['saved_s']:+.0f} s {'on' if v['on'] else 'off'}"
                          for run, v in r["runs"].items())
-        ips = f"{64e3 / r['eager_ms']:.0f} / {64e3 / r['compiled_ms']:.0f}"
+        ips = f"{r['batch'] * 1e3 / r['eager_ms']:.0f} / {r['batch'] * 1e3 / r['compiled_ms']:.0f}"
         print(f"{name:12} {r['params']:>9,} {r['eager_ms']:>8.1f} {r['compiled_ms']:>8.1f} {r['ratio']:>5.2f} "
               f"{r['ratio_wall']:>6.2f} {ips:>11} {r['compile_cold_s']:>9.1f} {r['compile_warm_s']:>6.1f} "
               f"{r['break_even']:>10.0f} {r['ema_max_abs_diff']:>8.1e}  {runs}   (load {load()}; compile wall "

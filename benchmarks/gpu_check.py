@@ -35,9 +35,8 @@ The networks have random weights: throughput does not depend on them.
 
 The summary table is printed even when the time limit interrupts a section (``gpu_check.sh`` sends SIGINT).
 
-``--cost-model`` runs nothing on a device: it counts FLOPs (``torch.utils.flop_counter`` on the meta device) and
-prints the GPU-hours of the paper's figures at published scale for a stated MFU and peak (estimates, see
-``cost_model``), plus the FLOPs of the digits configurations (to read CPU throughputs as GFLOP/s).
+The cost model of the paper's figures is ``benchmarks/cost_model.py`` (``gpu_check.sh`` runs it on the device
+after this script, with throughputs measured there).
 """
 
 from __future__ import annotations
@@ -428,76 +427,6 @@ def section_optimal(a, device) -> None:
     )
 
 
-def forward_flops_per_image(cls, cfg, shape) -> float:
-    """Forward FLOPs of the network for one image (one sampler evaluation; counted on the meta device)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        m = cls(kernel="edm", image_shape=shape, **cfg)
-    x = torch.randn(2, *shape, device="meta")
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        m.model(x, torch.ones(2, device="meta"))
-    return fc.get_total_flops() / 2
-
-
-def sscd_flops_per_image(size: int = 320) -> float:
-    """Forward FLOPs of SSCD's ResNet-50 (512-d head) at ``size`` px."""
-    import torchvision
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        net = torchvision.models.resnet50(weights=None)
-        net.fc = torch.nn.Linear(2048, 512)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        net(torch.randn(1, 3, size, size, device="meta"))
-    return fc.get_total_flops()
-
-
-def cost_model(a) -> None:
-    """GPU-hours of the paper's figures at published scale: FLOPs / (MFU x peak).  Assumptions (flags):
-    Fig. 2 = ``--fig2-sizes`` training-set sizes x ``--fig2-widths`` DDPM++ widths (EDM's CIFAR-10 layout,
-    channel_mult [2, 2, 2], 4 blocks, attention at 16), each trained on ``--train-mimg`` million images, then
-    ``--samples`` Heun samples (``--nfe`` evaluations) and their SSCD features; Fig. 6 = ``--fig6-models``
-    models x ``--samples`` samples, each evaluation costing as the 55.7M DDPM++ (model_channels 128)."""
-    peak = (a.peak_tflops or 989.4) * 1e12
-    rate = a.mfu * peak
-
-    def hours(flop: float) -> float:
-        return flop / rate / 3600
-
-    print(f"cost model: {a.mfu:.0%} MFU of {peak / 1e12:g} TFLOP/s dense bf16 (H200 unless --peak-tflops); "
-          f"FLOPs counted by torch.utils.flop_counter (matmuls and convolutions), backward = counted; ESTIMATES")
-    shape, sscd = (3, 32, 32), sscd_flops_per_image()
-    print(f"  SSCD ResNet-50 at 320 px: {sscd / 1e9:.1f} GFLOP per image")
-    fig2_train = fig2_sample = 0.0
-    for w in a.fig2_widths:
-        cfg = dict(model_channels=w, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16])
-        tr, fw = train_flops_per_image(EDM, cfg, shape), forward_flops_per_image(EDM, cfg, shape)
-        one = hours(a.train_mimg * 1e6 * tr)
-        samp = hours(a.samples * (a.nfe * fw + sscd))
-        fig2_train += a.fig2_sizes * one
-        fig2_sample += a.fig2_sizes * samp
-        print(f"  DDPM++ width {w:>3}: {tr / 1e9:7.1f} GFLOP/img training, {fw / 1e9:6.1f} GFLOP/evaluation; "
-              f"one training of {a.train_mimg:g} Mimg {one:7.1f} GPU-h; {a.samples:,} samples x {a.nfe} NFE + SSCD "
-              f"{60 * samp:.2f} GPU-min")
-    print(f"  Fig. 2 ({a.fig2_sizes} sizes x {len(a.fig2_widths)} widths = {a.fig2_sizes * len(a.fig2_widths)} "
-          f"trainings): {fig2_train:,.0f} GPU-h training + {60 * fig2_sample:.1f} GPU-min sampling and SSCD")
-    fw = forward_flops_per_image(EDM, CIFAR10["DDPM++"][1], shape)
-    fig6 = hours(a.fig6_models * a.samples * (a.nfe * fw + sscd))
-    print(f"  Fig. 6 ({a.fig6_models} models x {a.samples:,} samples x {a.nfe} NFE of a {fw / 1e9:.1f}-GFLOP "
-          f"DDPM++ evaluation, + SSCD): {60 * fig6:.1f} GPU-min")
-    from compile_step import CONFIGS, model_spec
-
-    from lightning_repro.studies.training import arch_class
-
-    for name in CONFIGS:
-        spec = model_spec(name)
-        cls, cfg = arch_class(spec["class_path"]), dict(spec["init_args"])
-        cfg.pop("kernel", None)
-        cfg = {k: v for k, v in cfg.items() if k not in ("lr", "warmup_steps", "ema_halflife_kimg")}
-        print(f"  digits {name:12}: {train_flops_per_image(cls, cfg, (1, 8, 8)) / 1e6:8.2f} MFLOP/img training")
-
-
 #: the time budget's end (``time.perf_counter()``), set by ``main``
 DEADLINE = [float("inf")]
 
@@ -581,15 +510,6 @@ def main(argv=None) -> int:
         epilog=__doc__,
     )
     p.add_argument("--dry-run", action="store_true", help="tiny sizes (any device): checks the script itself")
-    p.add_argument("--cost-model", action="store_true", help="print the FLOP-derived GPU-hours of Fig. 2 / Fig. 6 "
-                   "(runs nothing on a device)")
-    p.add_argument("--mfu", type=float, default=0.3, help="cost model: model-FLOP utilisation assumed (default 0.3)")
-    p.add_argument("--train-mimg", type=float, default=200.0, help="cost model: million images per training "
-                   "(default 200, EDM's CIFAR-10 schedule)")
-    p.add_argument("--fig2-sizes", type=int, default=10, help="cost model: training-set sizes of Fig. 2 (2^6..2^15)")
-    p.add_argument("--fig2-widths", type=int, nargs="*", default=[64, 128, 256], help="cost model: DDPM++ widths")
-    p.add_argument("--fig6-models", type=int, default=20, help="cost model: models of Fig. 6")
-    p.add_argument("--nfe", type=int, default=35, help="cost model: evaluations per sample (Heun 18: 35)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny sizes on the CPU, the compiled paths included (--dry-run --device cpu, DiT compiled)")
     p.add_argument("--budget-s", type=float, default=540.0,
@@ -612,9 +532,6 @@ def main(argv=None) -> int:
         "--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)"
     )
     a = p.parse_args(argv)
-    if a.cost_model:
-        cost_model(a)
-        return 0
     if a.cpu_smoke:
         a.dry_run, a.device = True, "cpu"
         if a.compile_families == ["DDPM++", "DiT"]:  # the default: one small compiled family is enough here
