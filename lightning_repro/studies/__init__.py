@@ -24,6 +24,7 @@ STUDY_MODULES = (
     "baselines",           # Fig. 3 / Sec. 2.3: GANs and VAEs do not reproduce each other; diffusion models do
     "memorization",        # Fig. 4: trained models reproduce the optimal denoiser of the empirical distribution
     "mog_generalization",  # Fig. 5: score error against the closed-form score of a low-rank MoG falls with N
+    "mog_transition",      # Sec. 3.2.1 Case 1: models move from the empirical optimal to the closed-form MoG denoiser
     "recovery",            # Sec. 3.2.1: a student trained on a teacher's samples reproduces the teacher
     "hyperplane",          # Fig. 7: maps of the noise plane through three seeds
     "conditional",         # Fig. 8 / App. D: per-class RP of conditional models, unconditional vs conditional
