@@ -23,10 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(tmp_path_factory, one_thread_module):
     """One ``--quick`` run: (its config, its rows, its output folder)."""
     out = tmp_path_factory.mktemp("mog_transition")
-    torch.set_num_threads(1)
     rows = mt.main(["--quick", "--out", str(out)])
     return mt.STUDY.load_config(quick=True, out=out), rows, out
 
