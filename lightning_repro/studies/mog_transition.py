@@ -199,17 +199,22 @@ def crossings(rows: list[dict[str, Any]]) -> dict[str, int | None]:
     return out
 
 
+def _at(rows: list[dict[str, Any]], a: str, n: int) -> str:
+    return f"N = {n} ({_rp(rows, a, EMPIRICAL)[n]:.3f} vs {_rp(rows, a, MOG)[n]:.3f})"
+
+
 def _crossing_text(rows: list[dict[str, Any]], cross: dict[str, int | None]) -> str:
+    """Where each model's RP vs the empirical optimal falls below its RP vs the MoG, with both values there."""
     sizes = sorted({r["N"] for r in rows})
     parts = []
     for a, n in cross.items():
         if n is None:
-            parts.append(f"{a}: RP vs the empirical optimal stays >= RP vs the MoG up to N = {sizes[-1]}")
+            parts.append(f"{a}: RP vs the empirical optimal stays >= RP vs the MoG up to {_at(rows, a, sizes[-1])}")
         elif n == sizes[0]:
-            parts.append(f"{a}: RP vs the empirical optimal is below RP vs the MoG already at N = {n}")
+            parts.append(f"{a}: RP vs the empirical optimal is below RP vs the MoG already at {_at(rows, a, n)}")
         else:
-            parts.append(f"{a}: RP vs the empirical optimal falls below RP vs the MoG between N = "
-                         f"{sizes[sizes.index(n) - 1]} and {n}")
+            parts.append(f"{a}: RP vs the empirical optimal falls below RP vs the MoG between "
+                         f"{_at(rows, a, sizes[sizes.index(n) - 1])} and {_at(rows, a, n)}")
     return "; ".join(parts)
 
 
