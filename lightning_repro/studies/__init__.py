@@ -26,6 +26,7 @@ STUDY_MODULES = (
     "mog_generalization",  # Fig. 5: score error against the closed-form score of a low-rank MoG falls with N
     "procedures",          # Fig. 6: models of different training procedures (EDM, DDPM, CT, CD, progressive,
                            #   Multistage, U-ViT, DiT) reproduce each other
+    "mog_transition",      # Sec. 3.2.1 Case 1: models move from the empirical optimal to the closed-form MoG denoiser
     "recovery",            # Sec. 3.2.1: a student trained on a teacher's samples reproduces the teacher
     "hyperplane",          # Fig. 7: maps of the noise plane through three seeds
     "conditional",         # Fig. 8 / App. D: per-class RP of conditional models, unconditional vs conditional
