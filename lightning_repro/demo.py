@@ -41,7 +41,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
 FAMILIES = {"ddpmpp": (CONFIGS / "demo_ddpmpp.yaml", 2400), "dit": (CONFIGS / "demo_dit.yaml", 3200)}
 
 
-def train_command(family: str, size: int, steps: int, root: Path, batch_size: int, monitor_every: int) -> list[str]:
+def train_command(family: str, size: int, steps: int, root: Path, batch_size: int, monitor_every: int,
+                  compile: bool = False) -> list[str]:
     """The ``train.py fit`` command line of one demo model (its recipe is the family's config)."""
     return [sys.executable, "-m", "lightning_repro.cli", "fit", "--config", str(FAMILIES[family][0]),
             "--data.size", str(size), "--data.batch_size", str(batch_size), "--trainer.max_steps", str(steps),
@@ -49,11 +50,11 @@ def train_command(family: str, size: int, steps: int, root: Path, batch_size: in
             "--trainer.callbacks.every_n_steps", str(monitor_every),
             "--model.init_args.warmup_steps", str(min(100, steps // 10)),  # the recipe's 100, shorter for toy runs
             "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.group", "demo",
-            "--trainer.enable_progress_bar", "false"]
+            "--trainer.enable_progress_bar", "false", *(["--model.init_args.compile", "true"] if compile else [])]
 
 
 def train_all(jobs: list[tuple[str, int, int, Path]], batch_size: int, parallel: int, threads: int,
-              monitor_every: int) -> None:
+              monitor_every: int, compile: bool = False) -> None:
     """Run the trainings not finished yet, ``parallel`` at a time (one CPU thread each by default)."""
     todo = [j for j in jobs if not (j[3] / "checkpoints" / "last.ckpt").is_file()]
     for job in jobs:
@@ -68,8 +69,8 @@ def train_all(jobs: list[tuple[str, int, int, Path]], batch_size: int, parallel:
             log = root / "train.log"
             print(f"[demo] training {fam} on N={n} digits for {steps} steps (log: {log})", flush=True)
             with open(log, "w") as fh:
-                proc = subprocess.Popen(train_command(fam, n, steps, root, batch_size, monitor_every), stdout=fh,
-                                        stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(train_command(fam, n, steps, root, batch_size, monitor_every, compile),
+                                        stdout=fh, stderr=subprocess.STDOUT, env=env)
             running.append((proc, f"{fam} N={n}", log))
         time.sleep(0.5)
         for item in list(running):
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 by default: tiny nets gain little from 2, and lose a lot when "
                         "another process competes for the cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every training (off by default: on 2 CPU "
+                   "cores the compile costs more than it saves over these runs, benchmarks/compile_step.py)")
     a = p.parse_args(argv)
     if a.threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     t0, out = time.time(), Path(a.out)
     jobs = [(f, n, a.steps or FAMILIES[f][1], out / f"{f}_N{n}") for n in a.sizes for f in a.families]
-    train_all(jobs, a.batch_size, a.parallel, max(a.threads, 1), a.monitor_every)
+    train_all(jobs, a.batch_size, a.parallel, max(a.threads, 1), a.monitor_every, a.compile)
     sizes = [score_size(out, n, a.families, a.seeds) for n in a.sizes]
     rows = [{"N": s["N"], "family": f, "rp_optimal": s["rp_optimal"][i], "gl": s["gl"][i], "rp_pair": s["rp_pair"],
              "null": s["null"], "monitor_csv": str(out / f"{f}_N{s['N']}" / "monitor.csv")}
