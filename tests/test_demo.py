@@ -39,3 +39,16 @@ def test_demo_trains_scores_and_reuses(tmp_path, capsys, monkeypatch):
     assert lines[-2].startswith("done: 2 models, 1 sizes") and lines[-1].startswith("shown: N=8: both ")
     demo.main(args)  # a rerun trains nothing
     assert "reusing" in capsys.readouterr().out
+
+
+def test_compile_flag_reaches_every_training_and_is_off_by_default(tmp_path):
+    """``--compile`` turns ``torch.compile`` on in the trainings' modules (built from the demo's own command lines);
+    without it they train eagerly, the default the compile benchmark chose for the CPU."""
+    from lightning_repro.cli import main as cli_main
+
+    for compile in (False, True):
+        for family in demo.FAMILIES:
+            cmd = demo.train_command(family, 16, 4, tmp_path / family, 8, 2, compile)
+            cli = cli_main(cmd[cmd.index("fit") + 1:] + ["--trainer.logger", "false"], run=False)
+            assert cli.model.hparams.compile is compile
+            assert (cli.model._forward is not cli.model.model) is compile

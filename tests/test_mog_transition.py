@@ -101,6 +101,20 @@ def test_crossings_name_the_first_size_where_the_mog_wins():
     assert got == {"u": 64, "d": None, "x": 16}
 
 
+def test_a_crossing_must_be_beyond_chance_on_the_seeds():
+    """0.000 vs 0.004 on 256 seeds (one seed) is not a crossing; 0.043 vs 0.148 is (difference 0.105 > 2 SE 0.051);
+    the same 0.105 on 16 seeds (2 SE 0.20) is not."""
+    def rows(emp, mog):
+        return [{"N": n, "a": "m", "b": b, "rp": v} for n, e, m in zip((64, 256, 1024), emp, mog)
+                for b, v in ((mt.EMPIRICAL, e), (mt.MOG, m))]
+
+    assert mt.crossings(rows((0.0, 0.0, 0.0), (0.0, 0.0, 0.004)), 256) == {"m": None}
+    assert mt.crossings(rows((0.0, 0.0, 0.0), (0.0, 0.0, 0.004))) == {"m": 1024}
+    assert mt.crossings(rows((0.41, 0.043, 0.03), (0.0, 0.148, 0.5)), 256) == {"m": 256}
+    assert mt.crossings(rows((0.41, 0.043, 0.03), (0.0, 0.148, 0.5)), 16) == {"m": 1024}
+    assert "never exceeds" in mt._crossing_text(rows((0.0, 0.0, 0.0), (0.0, 0.0, 0.004)), {"m": None})
+
+
 def test_pixel_threshold_checks_on_the_shipped_mixture():
     """The shipped threshold (0.97) lies between the equal-error thresholds of noisy copies (std 0.1 .. 0.05) against
     distinct draws of the shipped mixture, as the YAML says; a lower rank crowds the draws together."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -190,12 +191,21 @@ def _rp(rows: list[dict[str, Any]], a: str, b: str) -> dict[int, float]:
     return {r["N"]: r["rp"] for r in rows if (r["a"], r["b"]) == (a, b)}
 
 
-def crossings(rows: list[dict[str, Any]]) -> dict[str, int | None]:
-    """Per model, the smallest N at which RP(model, empirical optimal) < RP(model, MoG); None if it never is."""
+def _beyond_chance(emp: float, mog: float, num_seeds: int | None) -> bool:
+    """mog > emp by more than two standard errors of the difference of two proportions over ``num_seeds`` seeds
+    (a plain ``mog > emp`` when the count is not given): one seed of 256 (0.000 vs 0.004) is not a crossing."""
+    if num_seeds is None:
+        return mog > emp
+    return mog - emp > 2 * math.sqrt((emp * (1 - emp) + mog * (1 - mog)) / num_seeds)
+
+
+def crossings(rows: list[dict[str, Any]], num_seeds: int | None = None) -> dict[str, int | None]:
+    """Per model, the smallest N at which RP(model, MoG) exceeds RP(model, empirical optimal) beyond chance on
+    ``num_seeds`` seeds (``_beyond_chance``); None if it never does."""
     out: dict[str, int | None] = {}
     for a in dict.fromkeys(r["a"] for r in rows if r["b"] == EMPIRICAL and r["a"] != MOG):
         emp, mog = _rp(rows, a, EMPIRICAL), _rp(rows, a, MOG)
-        out[a] = next((n for n in sorted(emp) if emp[n] < mog[n]), None)
+        out[a] = next((n for n in sorted(emp) if _beyond_chance(emp[n], mog[n], num_seeds)), None)
     return out
 
 
@@ -204,16 +214,17 @@ def _at(rows: list[dict[str, Any]], a: str, n: int) -> str:
 
 
 def _crossing_text(rows: list[dict[str, Any]], cross: dict[str, int | None]) -> str:
-    """Where each model's RP vs the empirical optimal falls below its RP vs the MoG, with both values there."""
+    """Where each model's RP vs the MoG first exceeds its RP vs the empirical optimal, with both values there."""
     sizes = sorted({r["N"] for r in rows})
     parts = []
     for a, n in cross.items():
         if n is None:
-            parts.append(f"{a}: RP vs the empirical optimal stays >= RP vs the MoG up to {_at(rows, a, sizes[-1])}")
+            parts.append(f"{a}: RP vs the MoG never exceeds RP vs the empirical optimal beyond chance (2 standard "
+                         f"errors) up to {_at(rows, a, sizes[-1])}")
         elif n == sizes[0]:
             parts.append(f"{a}: RP vs the empirical optimal is below RP vs the MoG already at {_at(rows, a, n)}")
         else:
-            parts.append(f"{a}: RP vs the empirical optimal falls below RP vs the MoG between "
+            parts.append(f"{a}: RP vs the MoG exceeds RP vs the empirical optimal (beyond chance) between "
                          f"{_at(rows, a, sizes[sizes.index(n) - 1])} and {_at(rows, a, n)}")
     return "; ".join(parts)
 
@@ -259,7 +270,7 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         log(f"  N={n}: " + "  ".join(f"RP({r['a']}, {r['b']})={r['rp']:.3f}" for r in rows if r["N"] == n)
             + f"  ({time.time() - t0:.0f}s)")
     png = plot(rows, st.out / "mog_transition.png", st.threshold, st.descriptor_name, repr(mog))
-    cross = crossings(rows)
+    cross = crossings(rows, len(st.seeds))
     summary = {**{f"crossing_N_{a}": n for a, n in cross.items()}, "calibration": calibration}
     csv_path = finish(STUDY.name, cfg, rows, COLUMNS, "mog_transition.csv", {"plot": png}, summary, COLUMNS[:8])
     log(f"mog_transition done in {time.time() - t_start:.0f}s: {_crossing_text(rows, cross)} | {csv_path} | {png}")
