@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .diffusion_module import compiled_forward
 from .kernels import EDMKernel, karras_sigmas
 from .precond import EDMPrecond, _bc
 from .presets import DDPM, DDPMpp, DiT, UViT
@@ -226,7 +227,7 @@ class ConsistencyModel:
         self.target = copy.deepcopy(self.model).requires_grad_(False) if self.recipe.mu0 > 0 else None
         if self.hparams.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.__dict__["_forward"] = torch.compile(self.model) if self.hparams.compile else self.model
+        self.__dict__["_forward"] = compiled_forward(self.model, self.hparams.compile)
         self._last_N: int | None = None
 
     # -- the objective ------------------------------------------------------------------------

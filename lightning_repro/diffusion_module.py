@@ -40,6 +40,14 @@ def default_precond(kernel: Kernel) -> str:
     return "eps"
 
 
+
+def compiled_forward(model: nn.Module, compile: bool) -> nn.Module:
+    """``torch.compile(model, dynamic=False)`` when ``compile`` (else ``model``): a training step has one batch
+    shape, and a second shape (another batch size in the same process) recompiles statically instead of turning the
+    batch dimension symbolic, which inductor's CPU lowering of the U-Nets rejects (``cannot determine truth value of
+    Relational: 64*((s0//2)) < 64``, torch 2.14)."""
+    return torch.compile(model, dynamic=False) if compile else model
+
 class DiffusionModule(FineTuning, L.LightningModule):
     """Base LightningModule; subclasses define ``build_net()``.
 
@@ -117,7 +125,7 @@ class DiffusionModule(FineTuning, L.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
             self.ema = self.ema.to(memory_format=torch.channels_last)
         # kept out of the module tree (no duplicate state_dict keys)
-        self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
+        self.__dict__["_forward"] = compiled_forward(self.model, compile)
 
     # -- to be defined by presets -------------------------------------------------------------
     def build_net(self) -> nn.Module:

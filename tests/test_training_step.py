@@ -79,3 +79,19 @@ def test_loss_is_logged_on_logging_steps_and_the_last_step(tmp_path):
     trainer.fit(m, datamodule=dm)
     assert len(seen.losses) == 7 and float(trainer.callback_metrics["train/loss"]) == seen.losses[-1]
     assert 0 < float(trainer.callback_metrics["train/ema_beta"]) < 1
+
+
+def test_compile_builds_a_static_shape_forward_in_both_module_families(monkeypatch):
+    """``compile: true`` compiles the training network with ``dynamic=False`` (a second batch size recompiles
+    statically; a symbolic batch dimension fails in inductor's CPU lowering of the U-Nets, torch 2.14) — in the
+    diffusion modules and the consistency ones; ``compile: false`` keeps the network itself."""
+    from lightning_repro.consistency import CTDiT
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append((model, kw)) or model)
+    kw = dict(image_shape=(1, 8, 8), patch_size=4, hidden_size=16, depth=1, num_heads=2)
+    for make in (lambda c: DiT(kernel="edm", compile=c, **kw), lambda c: CTDiT(compile=c, **kw)):
+        m = make(False)
+        assert m._forward is m.model and not calls
+        m = make(True)
+        assert calls.pop() == (m.model, {"dynamic": False})
