@@ -129,8 +129,10 @@ def test_multistep_consistency_sampling_is_a_pure_function_of_the_seed():
 # ---------------------------------------------------------------------------- consistency distillation on 8 digits
 
 #: the recipe of configs/model/digits_cd.yaml (600 steps at batch 1024: the bulk of this file's time)
+# lr 3e-3 for 1,200 steps: RP vs the teacher's ODE 0.930 / 0.915 / 0.935 over training seeds 0 / 1 / 2 on one CPU;
+# the earlier lr 7e-3 for 600 steps gave 0.89 / 0.86 / 0.915 there (it passed the bar on another CPU's rounding)
 CD_RECIPE = dict(patch_size=8, hidden_size=64, depth=2, num_heads=4, mlp_ratio=8.0, schedule="fixed", s1=10,
-                 mu0=0.0, distance="pseudo_huber", index_sampling="uniform", weighting="ict", lr=7e-3,
+                 mu0=0.0, distance="pseudo_huber", index_sampling="uniform", weighting="ict", lr=3e-3,
                  warmup_steps=50, lr_decay="cosine", ema_halflife_kimg=40)
 
 
@@ -141,7 +143,7 @@ def cd_checkpoint(tmp_path_factory, one_thread_module):
     torch.manual_seed(0)
     dm = SubsetDataModule(**DIGITS8, batch_size=1024, val_seeds=8)
     m = CDDiT(teacher="optimal:", image_shape=(1, 8, 8), **CD_RECIPE)
-    trainer = L.Trainer(max_steps=600, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=1200, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu", default_root_dir=str(tmp))
     trainer.fit(m, dm)
     trainer.save_checkpoint(tmp / "cd.ckpt")
