@@ -162,7 +162,7 @@ TRAIN_EXPECTED = {
     "demo_ddpmpp.yaml": ("DDPMpp", "edm", "digits", 64, 2400),
     "demo_dit.yaml": ("DiT", "edm", "digits", 64, 3200),
     "digits_ct.yaml": ("CTDiT", "edm", "digits", 64, 3000),
-    "digits_cd.yaml": ("CDDiT", "edm", "digits", 1024, 600),
+    "digits_cd.yaml": ("CDDiT", "edm", "digits", 1024, 1200),
     "cifar10_ct.yaml": ("CTDDPMpp", "edm", "cifar10", 1024, 400000),
     "cifar10_cd.yaml": ("CDDDPMpp", "edm", "cifar10", 512, 800000),
 }

@@ -128,7 +128,7 @@ def test_multistep_consistency_sampling_is_a_pure_function_of_the_seed():
 
 # ---------------------------------------------------------------------------- consistency distillation on 8 digits
 
-#: the recipe of configs/model/digits_cd.yaml (600 steps at batch 1024: the bulk of this file's time)
+#: the recipe of configs/model/digits_cd.yaml (1,200 steps at batch 1024: the bulk of this file's time)
 # lr 3e-3 for 1,200 steps: RP vs the teacher's ODE 0.930 / 0.915 / 0.935 over training seeds 0 / 1 / 2 on one CPU;
 # the earlier lr 7e-3 for 600 steps gave 0.89 / 0.86 / 0.915 there (it passed the bar on another CPU's rounding)
 CD_RECIPE = dict(patch_size=8, hidden_size=64, depth=2, num_heads=4, mlp_ratio=8.0, schedule="fixed", s1=10,
