@@ -222,7 +222,7 @@ def _crossing_text(rows: list[dict[str, Any]], cross: dict[str, int | None]) -> 
             parts.append(f"{a}: RP vs the MoG never exceeds RP vs the empirical optimal beyond chance (2 standard "
                          f"errors) up to {_at(rows, a, sizes[-1])}")
         elif n == sizes[0]:
-            parts.append(f"{a}: RP vs the empirical optimal is below RP vs the MoG already at {_at(rows, a, n)}")
+            parts.append(f"{a}: RP vs the MoG exceeds RP vs the empirical optimal (beyond chance) already at {_at(rows, a, n)}")
         else:
             parts.append(f"{a}: RP vs the MoG exceeds RP vs the empirical optimal (beyond chance) between "
                          f"{_at(rows, a, sizes[sizes.index(n) - 1])} and {_at(rows, a, n)}")
