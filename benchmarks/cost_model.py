@@ -172,7 +172,7 @@ def cost(workload, t: dict, mimg: float) -> dict[str, float]:
 
 def table(t: dict, mimg: float) -> None:
     print(f"\ncost at published scale on {t['device']} ({mimg:g} Mimg per training, {SEEDS:,} seeds x {NFE} NFE):")
-    print(f"| figure | train h | sample h | describe h | total h | PFLOP |\n|---|---|---|---|---|---|")
+    print("| figure | train h | sample h | describe h | total h | PFLOP |\n|---|---|---|---|---|---|")
     for name, workload in WORKLOADS.items():
         c = cost(workload, t, mimg)
         total = c["train_h"] + c["sample_h"] + c["describe_h"]

@@ -40,9 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent

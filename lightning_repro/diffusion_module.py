@@ -40,13 +40,13 @@ def default_precond(kernel: Kernel) -> str:
     return "eps"
 
 
-
 def compiled_forward(model: nn.Module, compile: bool) -> nn.Module:
     """``torch.compile(model, dynamic=False)`` when ``compile`` (else ``model``): a training step has one batch
     shape, and a second shape (another batch size in the same process) recompiles statically instead of turning the
     batch dimension symbolic, which inductor's CPU lowering of the U-Nets rejects (``cannot determine truth value of
     Relational: 64*((s0//2)) < 64``, torch 2.14)."""
     return torch.compile(model, dynamic=False) if compile else model
+
 
 class DiffusionModule(FineTuning, L.LightningModule):
     """Base LightningModule; subclasses define ``build_net()``.

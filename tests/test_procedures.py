@@ -6,10 +6,10 @@ import copy
 import re
 
 import pytest
+from study_helpers import assert_png, read_csv
 
 from lightning_repro.studies import get_study
 from lightning_repro.studies.procedures import compared_models, jobs, training_rounds
-from study_helpers import assert_png, read_csv
 
 STUDY = get_study("fig6_procedures")
 
