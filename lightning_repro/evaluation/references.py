@@ -253,7 +253,7 @@ class CheckpointReference(Reference):
             info["sampling"] = sampling
         return cls(
             text=text,
-            label=path.stem,
+            label=checkpoint_label(path),
             name=f"{safe_name(path.stem)}-{sha[:10]}",
             sha256=sha,
             image_shape=tuple(int(v) for v in meta["image_shape"]),
@@ -389,6 +389,13 @@ def _kind_of(text: str) -> tuple[type[Reference], str]:
         return REFERENCES[prefix], rest
     path = Path(text).expanduser()
     return REFERENCES["samples" if path.is_dir() or path.suffix == ".npz" else "checkpoint"], text
+
+
+def checkpoint_label(path: Path) -> str:
+    """A checkpoint's label in tables and plots: ``RUN/last`` for Lightning's ``RUN/checkpoints/last.ckpt`` layout
+    (so the ``last.ckpt`` of two runs are told apart by their run folder), else the file's stem."""
+    run = path.parent.parent.name if path.parent.name == "checkpoints" else ""
+    return f"{run}/{path.stem}" if run else path.stem
 
 
 def resolve_model(text: str, partner: Reference | None = None) -> Reference:
