@@ -383,11 +383,6 @@ class ConsistencyDistillation(ConsistencyModel):
             self.__dict__["_teacher"] = (device, load_teacher(spec, self.image_shape, self.num_classes, data, device))
         return self.__dict__["_teacher"][1]
 
-    @staticmethod
-    def _data_kwargs(dm) -> dict[str, Any] | None:
-        hp = getattr(dm, "hparams", None)
-        return None if hp is None else {k: v for k, v in hp.items() if not k.startswith("_")}
-
     @property
     def teacher(self):
         t = self.__dict__.get("_teacher")
@@ -397,7 +392,7 @@ class ConsistencyDistillation(ConsistencyModel):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        self.load_teacher(self._data_kwargs(getattr(self.trainer, "datamodule", None)), self.device)
+        self.load_teacher(self.data_kwargs(), self.device)
 
     def lower_point(self, x0, z, x_hi, s_hi, s_lo, labels):
         D = self.teacher.denoiser
@@ -417,7 +412,7 @@ class ConsistencyDistillation(ConsistencyModel):
             dm = getattr(self.trainer, "datamodule", None)
         if dm is not None or self.__dict__.get("_teacher") is not None:
             t = self.__dict__.get("_teacher")
-            prov = (t[1] if t is not None else self.load_teacher(self._data_kwargs(dm), "cpu")).provenance
+            prov = (t[1] if t is not None else self.load_teacher(self.data_kwargs(dm), "cpu")).provenance
             cfg.update(teacher_sha256=prov.get("sha256"), teacher_provenance=prov)
         return cfg
 

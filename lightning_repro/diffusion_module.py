@@ -70,6 +70,11 @@ class DiffusionModule(FineTuning, L.LightningModule):
             the start of ``fit`` (fine-tuning; see ``finetune``).
         trainable: ``fnmatch`` patterns over the network's parameter names selecting what is trained (the rest
             is frozen); None: everything from scratch, ``attention_patterns`` with ``init_from``; ``["*"]``: all.
+        regression_teacher: None (denoising score matching, the method) or a model spec (``optimal:`` = the optimal
+            denoiser of the training subset, a checkpoint, ...) whose ``D(x, sigma)`` replaces ``x_0`` as the loss's
+            target, loaded at the start of fit.  A diagnostic: with ``optimal:`` it removes the target's noise, so
+            it shows how fast the network itself can learn the closed form; never a default that a claim about
+            the closed form rests on.
     """
 
     arch: str = "base"
@@ -102,6 +107,7 @@ class DiffusionModule(FineTuning, L.LightningModule):
         compile: bool = False,
         init_from: str | None = None,
         trainable: list[str] | None = None,
+        regression_teacher: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -138,6 +144,27 @@ class DiffusionModule(FineTuning, L.LightningModule):
         return dict(img_resolution=h, in_channels=c, out_channels=c, num_classes=self.num_classes)
 
     # -- the training draws and the loss (losses.DenoisingLoss) ------------------------------
+    def data_kwargs(self, dm=None) -> dict[str, Any] | None:
+        """The ``SubsetDataModule`` kwargs of ``dm`` (default the trainer's): what ``optimal:`` without a source and
+        the run's recorded ``data`` mean."""
+        if dm is None and self._trainer is not None:
+            dm = getattr(self.trainer, "datamodule", None)
+        hp = getattr(dm, "hparams", None)
+        return None if hp is None else {k: v for k, v in hp.items() if not k.startswith("_")}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()  # init_from, if given
+        spec = self.hparams.get("regression_teacher")
+        if spec:
+            if type(self).training_step is not DiffusionModule.training_step:
+                raise ValueError(f"regression_teacher replaces the target of denoising score matching; "
+                                 f"{type(self).__name__} trains with a loss of its own.")
+            from .teachers import load_teacher
+
+            t = load_teacher(str(spec), self.image_shape, self.num_classes, self.data_kwargs(), self.device)
+            self.loss.target = t.denoiser
+            self.regression_teacher_provenance = dict(t.provenance)
+
     def step_generator(self, step: int, device) -> torch.Generator:
         """Generator of the training draws of global step ``step``: seeded by ``(seed, step)``, the same on every rank."""
         g = torch.Generator(device=device)
@@ -364,7 +391,10 @@ class DiffusionModule(FineTuning, L.LightningModule):
                        **self.init_provenance)  # SHA-256 / format of the file (once loaded, or resumed)
         if dm is not None and hasattr(dm, "describe"):
             d = dm.describe()
-            cfg.update(size=d["size"], subset_seed=d["subset_seed"], source=d["source"], data={k: v for k, v in dm.hparams.items() if not k.startswith("_")})
+            cfg.update(size=d["size"], subset_seed=d["subset_seed"], source=d["source"], data=self.data_kwargs(dm))
+        if self.hparams.get("regression_teacher"):
+            cfg.update(regression_teacher=str(self.hparams.regression_teacher),
+                       regression_teacher_provenance=getattr(self, "regression_teacher_provenance", None))
         return cfg
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -283,9 +283,8 @@ class ProgressiveDistillation(DiffusionModule):
     def _load_teacher(self) -> None:
         from .teachers import load_teacher
 
-        dm = getattr(self.trainer, "datamodule", None)
-        data = {k: v for k, v in dm.hparams.items() if not k.startswith("_")} if dm is not None else None
-        t = load_teacher(self.hparams.teacher, self.image_shape, self.num_classes, data=data, device=self.device)
+        t = load_teacher(self.hparams.teacher, self.image_shape, self.num_classes, data=self.data_kwargs(),
+                         device=self.device)
         self.__dict__["_teacher"] = t.denoiser
         self.teacher_provenance = dict(t.provenance)
 
