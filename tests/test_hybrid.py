@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import math
 
-import lightning as L
 import pytest
 import torch
+from study_helpers import tiny_unet_checkpoint
 
 import lightning_repro.evaluation as ev
 from lightning_repro.data import SubsetDataModule
-from lightning_repro.module import EDM
 from lightning_repro.sampling import sample
 from lightning_repro.sampling.hybrid import SwitchedDenoiser, main
 from lightning_repro.theory import EmpiricalOptimalDenoiser
@@ -21,14 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest: one torch
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hybrid") / "edm.ckpt"
-    module = EDM(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0,
-                 image_shape=(1, 8, 8))
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, SubsetDataModule("digits", size=32, batch_size=16, val_seeds=2))
-    trainer.save_checkpoint(path)
-    return str(path), module.ema.eval(), module.kernel
+    return tiny_unet_checkpoint(tmp_path_factory.mktemp("hybrid") / "ddpmpp.ckpt", size=32)
 
 
 def _optimal():
