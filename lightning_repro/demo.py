@@ -9,6 +9,8 @@ scores the two families and the optimal denoiser of the subset (Prop. 1) against
 * RP   the fraction of seeds whose two samples are near-copies of each other (the suite's default descriptor for
        8x8 grey images, pixel: normalised correlation of centred pixels, at its calibrated threshold 0.97),
 * null the same RP between the two families on *different* seeds (seed k against seed k+1): chance agreement,
+       next to its expected value where both copy training images (sum over images of the product of the two
+       families' copy frequencies: ~1/N for N images, not 0),
 * GL   per model, the fraction of samples that are *not* near-copies of a training image of its subset.
 
 The paper's claim: at small N both families memorise (GL ~ 0) and converge to the optimal denoiser (RP against it
@@ -91,11 +93,12 @@ def train_all(jobs: list[tuple[str, int, int, Path]], batch_size: int | None, pa
             print(f"[demo] {name}: {done[-1] if done else 'finished'}", flush=True)
 
 
-def null_baseline(out: Path, ckpts: list[Path], seeds: str) -> float:
+def null_baseline(out: Path, ckpts: list[Path], seeds: str) -> tuple[float, float]:
     """RP between the two families on different seeds (seed k of A against seed k+1 of B), from the cached
-    samples of the ``--matrix`` run: the agreement two unrelated samplings reach by chance."""
+    samples of the ``--matrix`` run: the agreement two unrelated samplings reach by chance; and its expected value
+    where both copy training images (``scoring.copy_chance``: ~1/N for N images, not 0)."""
     from .evaluation import SamplingOptions, choose_descriptor, featurize, resolve_models
-    from .evaluation.scoring import rp
+    from .evaluation.scoring import copy_chance, rp
     from .metrics import get_descriptor
     from .sampling import parse_seeds
 
@@ -104,7 +107,8 @@ def null_baseline(out: Path, ckpts: list[Path], seeds: str) -> float:
     sets = [r.samples_at(seed_list, out, opts, log=lambda _: None) for r in refs]
     d = get_descriptor(choose_descriptor(None, refs[0].image_shape)[0])
     fa, fb = (featurize(d, s.images).features for s in sets)
-    return rp(fa, fb.roll(-1, 0), d.default_threshold)
+    train = featurize(d, refs[0].training_set()[0]).features
+    return rp(fa, fb.roll(-1, 0), d.default_threshold), copy_chance(fa, fb, train, d.default_threshold)
 
 
 def monitor_figure(out: Path, rows: list[dict]) -> Path:
@@ -143,9 +147,10 @@ def score_size(out: Path, n: int, families: list[str], seeds: str) -> dict:
     res = evaluate_main(["--matrix", *map(str, ckpts), "optimal:", "--seeds", seeds, "--gl",
                          "--out", str(out / f"matrix_N{n}"), "--no-progress"])
     rp = res["rp"]
-    return {"N": n, "rp_pair": rp[0][1], "rp_optimal": [rp[0][2], rp[1][2]], "gl": res["gl"][:2],
-            "null": null_baseline(out / f"matrix_N{n}", ckpts, seeds), "descriptor": res["descriptor"],
-            "threshold": res["threshold"], "matrix": str(out / f"matrix_N{n}" / "rp_matrix.png")}
+    null, chance = null_baseline(out / f"matrix_N{n}", ckpts, seeds)
+    return {"N": n, "rp_pair": rp[0][1], "rp_optimal": [rp[0][2], rp[1][2]], "gl": res["gl"][:2], "null": null,
+            "chance": chance, "descriptor": res["descriptor"], "threshold": res["threshold"],
+            "matrix": str(out / f"matrix_N{n}" / "rp_matrix.png")}
 
 
 def summary(sizes: list[dict], families: list[str]) -> str:
@@ -155,17 +160,19 @@ def summary(sizes: list[dict], families: list[str]) -> str:
         regime = "memorise" if max(s["gl"]) < 0.5 else "generate new digits" if min(s["gl"]) > 0.5 else "mixed"
         parts.append(f"N={s['N']}: both {regime} (GL {s['gl'][0]:.2f}/{s['gl'][1]:.2f}), RP vs optimal "
                      f"{s['rp_optimal'][0]:.2f}/{s['rp_optimal'][1]:.2f}, RP({'-'.join(families)}) "
-                     f"{s['rp_pair']:.2f} against a different-seed null of {s['null']:.2f}")
+                     f"{s['rp_pair']:.2f} against a different-seed null of {s['null']:.2f} (chance for their "
+                     f"copies {s['chance']:.2f})")
     return "shown: " + "; ".join(parts)
 
 
 def print_table(sizes: list[dict], families: list[str]) -> None:
     pair = "-".join(families)
     print(f"\n{'N':>5}  {'model':7}  {'RP vs optimal':>13}  {'GL':>5}  {'RP(' + pair + ')':>14}  "
-          f"{'null (other seeds)':>18}")
+          f"{'null (other seeds)':>18}  {'chance of copies':>16}")
     for s in sizes:
         for i, fam in enumerate(families):
-            shared = f"{s['rp_pair']:>14.3f}  {s['null']:>18.3f}" if i == 0 else f"{'':>14}  {'':>18}"
+            shared = (f"{s['rp_pair']:>14.3f}  {s['null']:>18.3f}  {s['chance']:>16.3f}" if i == 0
+                      else f"{'':>14}  {'':>18}  {'':>16}")
             print(f"{s['N']:>5}  {fam:7}  {s['rp_optimal'][i]:>13.3f}  {s['gl'][i]:>5.3f}  {shared}")
     print(f"descriptor: {sizes[0]['descriptor']} at threshold {sizes[0]['threshold']:g} (the suite's calibrated "
           "default, metrics/descriptors.py)")
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train_all(jobs, a.batch_size, a.parallel, max(a.threads, 1), a.monitor_every, a.compile)
     sizes = [score_size(out, n, a.families, a.seeds) for n in a.sizes]
     rows = [{"N": s["N"], "family": f, "rp_optimal": s["rp_optimal"][i], "gl": s["gl"][i], "rp_pair": s["rp_pair"],
-             "null": s["null"], "monitor_csv": str(out / f"{f}_N{s['N']}" / "monitor.csv")}
+             "null": s["null"], "chance": s["chance"], "monitor_csv": str(out / f"{f}_N{s['N']}" / "monitor.csv")}
             for s in sizes for i, f in enumerate(a.families)]
     print_table(sizes, a.families)
     fig = monitor_figure(out, rows)

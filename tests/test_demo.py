@@ -6,7 +6,9 @@ import json
 import torch
 
 from lightning_repro import demo
+from lightning_repro.data import SubsetDataModule
 from lightning_repro.evaluation import load_samples
+from lightning_repro.evaluation.scoring import copy_chance
 from lightning_repro.metrics import PixelDescriptor, ReproducibilityScore
 
 
@@ -28,6 +30,8 @@ def test_demo_trains_scores_and_reuses(tmp_path, capsys, monkeypatch):
     fa, fb = (d(torch.from_numpy(s.images).permute(0, 3, 1, 2).float() / 127.5 - 1) for s in (a, b))
     score.update(fa, fb.roll(-1, 0))
     assert abs(rows[0]["null"] - float(score.compute())) < 1e-6
+    train = d(SubsetDataModule("digits", size=8).images)
+    assert rows[0]["chance"] == copy_chance(fa, fb, train, 0.97) and 0.0 <= rows[0]["chance"] <= 1.0
     for fam in ("ddpmpp", "dit"):
         run = tmp_path / f"{fam}_N8"
         assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "samples" / "final.png").is_file()
@@ -35,7 +39,7 @@ def test_demo_trains_scores_and_reuses(tmp_path, capsys, monkeypatch):
         assert len((run / "monitor.csv").read_text().splitlines()) == 3  # steps 2 and 4
     assert (tmp_path / "monitor.png").is_file()
     lines = out.strip().splitlines()
-    assert "descriptor: pixel at threshold 0.97" in out and "null (other seeds)" in out
+    assert "descriptor: pixel at threshold 0.97" in out and "null (other seeds)" in out and "chance of copies" in out
     assert lines[-2].startswith("done: 2 models, 1 sizes") and lines[-1].startswith("shown: N=8: both ")
     demo.main(args)  # a rerun trains nothing
     assert "reusing" in capsys.readouterr().out

@@ -543,3 +543,15 @@ def test_mismatched_features_are_refused():
         ConditionalReproducibilityScore(3).update(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \(2,\)"):
         ConditionalReproducibilityScore(3).update(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0]))
+
+
+def test_copy_chance_is_the_sum_over_training_images_of_the_two_copy_frequencies():
+    """p = A's copy frequencies, q = B's (a sample below the threshold copies nothing): chance = sum_i p_i q_i."""
+    from lightning_repro.evaluation.scoring import copy_chance
+
+    train = torch.eye(4)
+    a = train[[0, 0, 1, 2]]  # p = (1/2, 1/4, 1/4, 0)
+    b = torch.cat([train[[0, 1, 1, 3]], torch.tensor([[1.0, 1.0, 1.0, 1.0]]) / 2])  # q = (1/5, 2/5, 0, 1/5); 1 new
+    assert copy_chance(a, b, train, 0.97) == pytest.approx(0.5 * 0.2 + 0.25 * 0.4)
+    assert copy_chance(a, a, train, 0.97) == pytest.approx(0.25 + 0.0625 + 0.0625)
+    assert copy_chance(b[4:], a, train, 0.97) == 0.0  # no copies: no chance agreement through copying

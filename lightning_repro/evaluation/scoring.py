@@ -133,6 +133,22 @@ def nearest_training(samples: FeatureSet, training: FeatureSet, threshold: float
     return training.images[idx.cpu()].float()
 
 
+def copy_chance(feats_a: Tensor, feats_b: Tensor, train_feats: Tensor, threshold: float) -> float:
+    """``sum_i p_i q_i``: the probability that a sample of A and an independent sample of B are copies of the same
+    training image, with ``p_i`` (``q_i``) the fraction of A's (B's) samples whose nearest training image is ``i``
+    at a similarity above ``threshold``.  Where both models memorise, it is what RP between different seeds (the
+    null baseline) is expected to be: about 1/N for N training images used evenly, not 0."""
+    from ..metrics.scores import nearest_neighbours
+
+    n = train_feats.shape[0]
+
+    def usage(feats: Tensor) -> Tensor:
+        sim, idx = nearest_neighbours(feats, train_feats)
+        return torch.bincount(idx[sim > threshold].cpu(), minlength=n).double() / max(feats.shape[0], 1)
+
+    return float((usage(feats_a) * usage(feats_b)).sum())
+
+
 def choose_descriptor(name: str | None, image_shape: Sequence[int]) -> tuple[str, str]:
     """(descriptor name, reason): SSCD for 3-channel images of >= 32 px (the paper), pixel otherwise."""
     c, h, w = image_shape
