@@ -2,10 +2,11 @@
 
 ``E_{sigma ~ p_train, n ~ N(0, I)} lambda(sigma) || D(x_0 + sigma n; sigma) - x_0 ||^2`` with the kernel's training
 distribution ``p_train`` (``Kernel.sample_sigma``) and weight ``lambda`` (``Kernel.loss_weight``), shaped as EDM's
-``training/loss.py``.  With a ``target`` denoiser ``T`` the regression target ``x_0`` becomes ``T(x_0 + sigma n;
-sigma)`` (distillation of a denoiser; with the optimal denoiser of the training set, Zhang et al. 2024 Prop. 1, the
-loss has the same minimiser without the target's noise).  The draws of one step come from one generator and are made for the whole global batch
-(``batch_size * world_size`` rows, each rank keeping its own rows), so a DDP run draws what one process does.
+``training/loss.py``.  With a ``target`` denoiser ``T`` the regression target ``x_0`` becomes
+``T(x_0 + sigma n; sigma)`` (distillation of a denoiser; with the optimal denoiser of the training set, Zhang et al.
+2024 Prop. 1, the loss has the same minimiser without the target's noise).  The draws of one step come from one
+generator and are made for the whole global batch (``batch_size * world_size`` rows, each rank keeping its own
+rows), so a DDP run draws what one process does.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Zhang et al. (ICML 2024, Prop. 1): in the memorisation regime a trained model sh
 logits ``x . y_i / sigma^2``, so the question is quantitative.  Two measurements, both against ``D*`` on the same
 seeds with the same deterministic Heun sampler:
 
-* ``perturbed_rp``: RP (Sec. 2.1) between ``D*`` and the optimal denoiser of the same images plus a fixed draw of
-  ``std * N(0, I)`` per pixel, for each ``std``: the agreement any denoiser whose knowledge of the images is off
+* RP (Sec. 2.1) between ``D*`` and the optimal denoiser of ``perturbed_images``, the same images plus a fixed draw
+  of ``std * N(0, I)`` per pixel, for each ``std``: the agreement any denoiser whose knowledge of the images is off
   by ``std`` per pixel can expect.
 * ``TrajectoryErrors``: the rms error per pixel of other denoisers (trained networks) against ``D*`` at every noise
   level the sampler visits along ``D*``'s own trajectories, to read off where, and by how much, a network is off.
