@@ -117,11 +117,12 @@ def run(args, log=print) -> dict:
         return featurize(desc, _sample_uint8(den, kernel, seeds, ref.image_shape, args.steps, args.batch_size,
                                              None, device))
 
-    probe = TrajectoryErrors(ref.denoiser(device), {m.label: m.denoiser(device) for m in models})
+    nets = {m.label: m.denoiser(device) for m in models}
+    probe = TrajectoryErrors(ref.denoiser(device), nets)
     ref_feats = sample(probe)
     result = {"perturbed": [], "errors": probe.rms(), "rp": {}}
     for m in models:
-        result["rp"][m.label] = score_pair(sample(m.denoiser(device)), ref_feats, tau)["rp"]
+        result["rp"][m.label] = score_pair(sample(nets[m.label]), ref_feats, tau)["rp"]
         log(f"{m.label}: RP vs {ref.label} {result['rp'][m.label]:.4f} | rms error per pixel along its "
             "trajectories: " + " ".join(f"{s:g}:{e:.3f}" for s, e in result["errors"][m.label].items()))
     for std in args.stds:
