@@ -81,6 +81,33 @@ def test_csv_is_well_formed_and_the_closed_forms_meet_as_n_grows(quick, monkeypa
     assert [r["rp"] for r in rows2] == [r["rp"] for r in rows]  # same checkpoints, seeds, sampler: same numbers
 
 
+def test_evaluate_pair_with_mog_is_the_studys_closed_form(quick, tmp_path):
+    """``evaluate.py --pair CKPT mog:`` samples the study's MoG closed form (the mixture of the checkpoint's own
+    source) from the same seeds, so its RP is the study's RP(model, MoG) on the same uint8 samples; ``mog:`` of a
+    checkpoint trained on digits is refused in one sentence."""
+    import lightning_repro.evaluation as ev
+    from lightning_repro.data.sources import float_to_uint8
+    from lightning_repro.evaluation import scoring
+
+    cfg, _, out = quick
+    n, smp = cfg["sizes"][0], cfg["sample"]
+    ckpt = next((out / "checkpoints").glob(f"unet_N{n}_*.ckpt"))
+    res = ev.main(["--pair", str(ckpt), "mog:", "--seeds", f"0-{smp['seeds'] - 1}", "--sampler", "heun", "--steps",
+                   str(smp["steps"]), "--out", str(tmp_path), "--no-wandb", "--no-progress"])
+    assert res["model_b"]["kind"] == "mog" and res["model_b"]["size"] == n
+    saved = torch.load(out / "samples" / f"N{n}.pt", weights_only=True)
+    desc = get_descriptor("pixel")
+    feats = [scoring.featurize(desc, float_to_uint8(saved[k])) for k in ("unet", mt.MOG)]
+    assert res["rp"] == scoring.score_pair(*feats, desc.default_threshold)["rp"]
+    ref = ev.resolve_models([str(ckpt), "mog:"])[1]
+    assert ref.label == "mog[K=2,d=2]" and torch.equal(
+        sample(ref.denoiser(torch.device("cpu")), ref.kernel(), list(range(smp["seeds"])), (1, 8, 8),
+               sampler="heun", steps=smp["steps"]), saved[mt.MOG])
+    with pytest.raises(ValueError, match="^'mog:' is the closed form of a mog source's mixture, but its data source "
+                                         "is 'digits'; write e.g."):
+        ev.resolve_model("mog:digits?size=16")
+
+
 def test_mixture_is_the_one_the_source_draws_from():
     data = mt.STUDY.load_config()["data"]
     kw = data["source_kwargs"]

@@ -46,6 +46,7 @@ __all__ = [
     "SourceInfo",
     "SourceKind",
     "get_source",
+    "mog_mixture",
     "source_info",
     "prepare_source",
     "register_source",
@@ -300,11 +301,18 @@ def _mog_shape(shape) -> tuple[int, int, int]:
     return s  # type: ignore[return-value]
 
 
-def _mog(num_samples: int = 8192, shape: tuple[int, int, int] = (1, 8, 8), num_components: int = 2, rank: int = 4,
-         seed: int = 0, **kwargs) -> ImageSource:
+def mog_mixture(num_samples: int = 8192, shape: tuple[int, int, int] = (1, 8, 8), num_components: int = 2,
+                rank: int = 4, seed: int = 0, device: torch.device | str | None = None, **kwargs):
+    """The ``theory.LowRankMoG`` that the ``mog`` source with these ``source_kwargs`` draws from (``num_samples``
+    only sets how many draws the source holds)."""
     from ..theory.mog import LowRankMoG
 
-    mog = LowRankMoG(_mog_shape(shape), num_components, rank, seed=seed, **kwargs)
+    return LowRankMoG(_mog_shape(shape), num_components, rank, seed=seed, device=device, **kwargs)
+
+
+def _mog(num_samples: int = 8192, shape: tuple[int, int, int] = (1, 8, 8), num_components: int = 2, rank: int = 4,
+         seed: int = 0, **kwargs) -> ImageSource:
+    mog = mog_mixture(num_samples, shape, num_components, rank, seed, **kwargs)
     g = torch.Generator().manual_seed(seed + 1)
     x, comp = mog.sample(num_samples, generator=g, return_components=True)
     return ImageSource("mog", x.float(), comp.long(), num_components)

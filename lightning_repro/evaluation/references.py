@@ -4,7 +4,8 @@ A command-line model spec (``path.ckpt``, ``optimal:<data spec>``, a sample fold
 ``Reference``: its denoiser, kernel, image shape, training set and provenance.  Each kind is one class in
 ``REFERENCES``, keyed by its spec prefix (``@register_reference("optimal")`` handles ``optimal:...``); plain
 paths are ``samples`` (a folder or ``.npz``) or ``checkpoint``.  ``optimal:`` is the empirical optimal
-denoiser of Prop. 1 (``theory.EmpiricalOptimalDenoiser``).
+denoiser of Prop. 1 (``theory.EmpiricalOptimalDenoiser``); ``mog:`` the closed-form denoiser of the low-rank mixture a
+``mog`` source draws from (Prop. 2, ``theory.LowRankMoG``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "Reference",
     "CheckpointReference",
     "OptimalReference",
+    "MoGReference",
     "SamplesReference",
     "REFERENCES",
     "register_reference",
@@ -273,6 +275,18 @@ class CheckpointReference(Reference):
         return load_denoiser(self.info["path"], device)[0]
 
 
+def _partner_kernel(kernel_name: str | None, partner: Reference | None) -> dict[str, Any]:
+    """A closed form's sampling kernel: the one its spec names, else its partner's, else EDM's."""
+    if kernel_name is not None:
+        spec = {"name": kernel_name, "kwargs": {}}
+    elif partner is not None and partner.kernel_spec is not None:
+        spec = partner.kernel_spec
+    else:
+        spec = {"name": "edm", "kwargs": {}}
+    get_kernel(spec["name"], **spec["kwargs"])  # validate now
+    return spec
+
+
 @register_reference("optimal")
 @dataclass
 class OptimalReference(Reference):
@@ -281,36 +295,24 @@ class OptimalReference(Reference):
     partnered: ClassVar[bool] = True
 
     @classmethod
+    def _identity(cls, data: dict[str, Any], d: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """(what the closed form is a function of, its label) for the subset ``data`` that ``d`` describes."""
+        return data_identity({**data, "size": d["size"]}), f"optimal[{d['source']},N={d['size']}]"
+
+    @classmethod
     def from_spec(cls, spec: str, text: str, partner: Reference | None) -> Reference:
         data, kernel_name = parse_data_spec(spec, partner.data if partner is not None else None)
         dm = _datamodule(data)
         d = dm.describe()
-        if kernel_name is not None:
-            kernel_spec = {"name": kernel_name, "kwargs": {}}
-        elif partner is not None and partner.kernel_spec is not None:
-            kernel_spec = partner.kernel_spec
-        else:
-            kernel_spec = {"name": "edm", "kwargs": {}}
-        get_kernel(kernel_spec["name"], **kernel_spec["kwargs"])  # validate now
-        ident = data_identity({**data, "size": d["size"]})
-        sha = hashlib.sha256(
-            json.dumps({"optimal": ident, "kernel": kernel_spec}, sort_keys=True).encode()
-        ).hexdigest()
-        info = {
-            "kind": cls.kind,
-            "spec": text,
-            "arch": "optimal",
-            "kernel": kernel_spec["name"],
-            "size": d["size"],
-            "subset_seed": d["subset_seed"],
-            "seed": None,
-            "source": d["source"],
-            "sha256": sha,
-        }
+        kernel_spec = _partner_kernel(kernel_name, partner)
+        ident, label = cls._identity(data, d)
+        sha = hashlib.sha256(json.dumps({cls.kind: ident, "kernel": kernel_spec}, sort_keys=True).encode()).hexdigest()
+        info = {"kind": cls.kind, "spec": text, "arch": cls.kind, "kernel": kernel_spec["name"], "size": d["size"],
+                "subset_seed": d["subset_seed"], "seed": None, "source": d["source"], "sha256": sha}
         return cls(
             text=text,
-            label=f"optimal[{d['source']},N={d['size']}]",
-            name=f"optimal-{safe_name(d['source'])}-n{d['size']}-{sha[:10]}",
+            label=label,
+            name=f"{cls.kind}-{safe_name(d['source'])}-n{d['size']}-{sha[:10]}",
             sha256=sha,
             image_shape=tuple(int(v) for v in d["image_shape"]),
             num_classes=int(d["num_classes"]),
@@ -328,10 +330,34 @@ class OptimalReference(Reference):
 
     def precision(self, requested: str, log: Callable[[str], None]) -> str:
         if requested != "fp32":
-            log(
-                f"note: --precision {requested} does not apply to {self.text}; the optimal denoiser runs in float64."
-            )
+            log(f"note: --precision {requested} does not apply to {self.text}; the closed form runs in float64.")
         return "fp32"
+
+
+@register_reference("mog")
+@dataclass
+class MoGReference(OptimalReference):
+    """``mog:<data spec>``: the closed-form denoiser (Prop. 2) of the low-rank mixture a ``mog`` source draws from,
+    the generalisation mapping; its training set (for GL) is the subset the spec (or its partner) names."""
+
+    @classmethod
+    def _identity(cls, data: dict[str, Any], d: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        if data.get("source") != "mog":
+            raise ValueError(f"'mog:' is the closed form of a mog source's mixture, but its data source is "
+                             f"{data.get('source')!r}; write e.g. 'mog:mog?rank=6' or pair it with a model trained "
+                             "on the mog source.")
+        mog = _mixture(data)
+        kw = {k: v for k, v in (data.get("source_kwargs") or {}).items() if k != "num_samples"}
+        return {"mixture": kw}, f"mog[K={mog.K},d={mog.d}]"
+
+    def _load_denoiser(self, device: torch.device):
+        return _mixture(self.data, device)
+
+
+def _mixture(data: dict[str, Any], device: torch.device | str | None = None):
+    from ..data.sources import mog_mixture
+
+    return mog_mixture(**(data.get("source_kwargs") or {}), device=device)
 
 
 @register_reference("samples")

@@ -75,7 +75,7 @@ MIXTURE_KEYS = ("num_samples", "shape", "num_components", "rank", "seed")
 
 def mixture(data: dict[str, Any], device: torch.device | str | None = None):
     """The ``LowRankMoG`` the ``mog`` source of ``data`` draws its samples from (its bases, weights and scale)."""
-    from ..theory import LowRankMoG
+    from ..data.sources import mog_mixture
 
     if data.get("source") != "mog":
         raise ValueError(f"mog_transition needs data.source: mog (its closed-form denoiser is the mixture's), got "
@@ -84,9 +84,7 @@ def mixture(data: dict[str, Any], device: torch.device | str | None = None):
     missing = [k for k in MIXTURE_KEYS if k not in kw]
     if missing:
         raise ValueError(f"data.source_kwargs must name {', '.join(MIXTURE_KEYS)} (the mixture); missing {missing}.")
-    extra = {k: v for k, v in kw.items() if k not in MIXTURE_KEYS}
-    return LowRankMoG(tuple(int(v) for v in kw["shape"]), kw["num_components"], kw["rank"], seed=int(kw["seed"]),
-                      device=device, **extra)
+    return mog_mixture(**kw, device=device)
 
 
 def _check(cfg: dict[str, Any]) -> list[int]:
