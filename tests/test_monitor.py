@@ -141,14 +141,14 @@ class RecordingLogger(Logger):
         self.hparams.update(params)
 
 
-def _fit(tmp_path, callbacks, logger=False, seed=0, lr=2e-4):
+def _fit(tmp_path, callbacks, logger=False, seed=0, lr=2e-4, data=None):
     torch.manual_seed(seed)
     module = EDM(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0,
                  image_shape=(1, 8, 8), val_steps=3, seed=seed, lr=lr)
     trainer = L.Trainer(max_steps=4, logger=logger, callbacks=callbacks, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=str(tmp_path))
-    trainer.fit(module, SubsetDataModule("digits", size=32, batch_size=8, val_seeds=2))
+    trainer.fit(module, data or SubsetDataModule("digits", size=32, batch_size=8, val_seeds=2))
     return module, trainer
 
 
@@ -179,6 +179,21 @@ def test_a_checkpoint_reference_equals_evaluate_pair_of_the_two_checkpoints(tmp_
     assert row["step"] == 4 and res["n"] == 6
     assert (row["rp"], row["mean_similarity"], row["gl"]) == (res["rp"], res["mean_similarity"], res["gl_a"])
     assert row["mean_similarity"] < 0.99  # two different models, not one compared to itself
+
+
+def test_a_mog_reference_is_the_mixture_of_the_models_own_source(tmp_path):
+    """``reference: mog:`` (no data spec) is the closed form of the mixture the model trains on: the monitor's
+    numbers equal ``evaluate.py --pair CKPT mog:`` on the same seeds."""
+    kw = {"num_samples": 64, "shape": [1, 8, 8], "num_components": 2, "rank": 3, "seed": 5}
+    data = SubsetDataModule("mog", size=32, batch_size=8, val_seeds=2, source_kwargs=kw)
+    monitor = ReproducibilityMonitor(every_n_steps=4, seeds=6, reference="mog:", threshold=0.5)
+    _, trainer = _fit(tmp_path / "mon", [monitor], lr=0.02, data=data)
+    trainer.save_checkpoint(tmp_path / "mon.ckpt")
+    res = ev.main(["--pair", str(tmp_path / "mon.ckpt"), "mog:", "--seeds", "0-5", "--steps", "3", "--threshold",
+                   "0.5", "--gl", "--no-wandb", "--no-progress", "--out", str(tmp_path / "pair")])
+    (row,) = monitor.history
+    assert res["model_b"]["kind"] == "mog" and res["model_b"]["size"] == 32
+    assert (row["rp"], row["mean_similarity"], row["gl"]) == (res["rp"], res["mean_similarity"], res["gl_a"])
 
 
 def test_monitor_bad_input_is_one_sentence():

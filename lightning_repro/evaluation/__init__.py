@@ -11,8 +11,8 @@ from .published import DiffusersReference
 from .references import (
     REFERENCES,
     CheckpointReference,
-    OptimalReference,
     MoGReference,
+    OptimalReference,
     Reference,
     SamplesReference,
     parse_data_spec,
