@@ -160,3 +160,29 @@ def test_parallel_training_jobs_write_checkpoints_and_records(tmp_path):
     assert run_training_jobs(jobs, workers=2, log=lambda m: None) == 0  # all done: nothing trained
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         run_training_jobs(jobs, workers=0)
+
+
+def test_a_training_another_study_finished_is_reused_not_repeated(tmp_path, monkeypatch):
+    """A job equal to one a sibling study (``<parent>/*/checkpoints/``) finished copies its checkpoint; a job that
+    differs in anything that decides the model (here one more step) trains."""
+    from lightning_repro.studies import TrainJob, run_training_jobs
+
+    def job(study, steps=2, name="n4"):
+        return TrainJob(name, memorization.QUICK["archs"]["dit"], (1, 8, 8), dict(kernel="edm", lr=1e-3, seed=0),
+                        dict(source="digits", size=4, batch_size=8), str(tmp_path / study / "checkpoints" / "a.ckpt"),
+                        steps, threads=1, wandb=None if study == "fig4" else {"group": study})
+
+    first = job("fig4")
+    assert run_training_jobs([first], log=lambda m: None) == 1
+    fit = L.Trainer.fit
+    monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("an equal training must be reused"))
+    same, logged = job("fig2", name="w64_n4"), []
+    assert same.identity == first.identity  # where it is written and logged does not decide the model
+    assert run_training_jobs([same], log=logged.append) == 0
+    assert (tmp_path / "fig2" / "checkpoints" / "a.ckpt").read_bytes() == Path(first.ckpt).read_bytes()
+    assert logged == [f"  w64_n4: the same training finished in another study, reusing {Path(first.ckpt).resolve()}"]
+    assert same.meta()["name"] == "w64_n4" and same.meta()["steps"] == 2
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    longer = job("other", steps=3)
+    assert longer.identity != first.identity
+    assert run_training_jobs([longer], log=lambda m: None) == 1 and longer.meta()["steps"] == 3

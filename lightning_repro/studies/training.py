@@ -8,9 +8,11 @@ finds its parent gone (SIGKILL, a crash) exits by itself, so a killed study neve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -118,6 +120,14 @@ class TrainJob:
         """The sidecar record (steps, train_seconds, final_loss) of a finished job; ``{}`` if there is none."""
         return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else {}
 
+    @property
+    def identity(self) -> str:
+        """SHA-256 of what decides the trained model (architecture, image shape, module and data keywords, steps,
+        Trainer options), not where it is written or logged: equal jobs of two studies train the same model."""
+        keep = {"arch": self.arch, "image_shape": list(self.image_shape), "module_kwargs": self.module_kwargs,
+                "data_kwargs": self.data_kwargs, "max_steps": self.max_steps, "trainer_kwargs": self.trainer_kwargs}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
 
 def study_job(cfg: Mapping[str, Any], name: str, arch: Mapping[str, Any], image_shape: Sequence[int],
               module_kwargs: Mapping[str, Any], data_kwargs: Mapping[str, Any], ckpt: str | os.PathLike,
@@ -185,7 +195,7 @@ def _train_job(job: TrainJob) -> dict[str, Any]:
     loss = trainer.callback_metrics.get("train/loss")
     atomic_write(job.ckpt, lambda tmp: trainer.save_checkpoint(tmp, weights_only=True))
     meta = {"name": job.name, "steps": int(trainer.global_step), "train_seconds": round(time.time() - t0, 1),
-            "final_loss": float(loss) if loss is not None else float("nan")}
+            "final_loss": float(loss) if loss is not None else float("nan"), "identity": job.identity}
     atomic_bytes(job.meta_path, json.dumps(meta).encode())
     if job.wandb is not None:
         trainer.logger.experiment.summary.update(meta)
@@ -247,10 +257,13 @@ def run_training_jobs(jobs: Sequence[TrainJob], workers: int = 1, log: Callable[
     one 2-thread training).  Finished checkpoints are skipped, so an interrupted study resumes.
     """
     positive_int(workers, "workers")
-    todo = [j for j in jobs if not j.done()]
     for j in jobs:
         if j.done():
             log(f"  {j.name}: checkpoint exists, skipping training ({Path(j.ckpt).name})")
+        elif (src := _trained_elsewhere(j)) is not None:
+            _reuse(j, src)
+            log(f"  {j.name}: the same training finished in another study, reusing {src}")
+    todo = [j for j in jobs if not j.done()]
     if not todo:
         return 0
     log(f"training {len(todo)} model(s) ({workers} at a time) ...")
@@ -262,6 +275,31 @@ def run_training_jobs(jobs: Sequence[TrainJob], workers: int = 1, log: Callable[
         meta = _train_job(j)
         log(f"  {j.name}: {meta['steps']} steps in {meta['train_seconds']:.0f}s, final loss {meta['final_loss']:.4f}")
     return len(todo)
+
+
+def _trained_elsewhere(job: TrainJob) -> Path | None:
+    """The checkpoint of an identical job (``TrainJob.identity``) that a study beside this one finished: its
+    sidecar under ``<parent of this study's folder>/*/checkpoints/``; None if there is none."""
+    ckpt = Path(job.ckpt).resolve()
+    if ckpt.parent.name != "checkpoints" or len(ckpt.parents) < 3:
+        return None
+    ident = job.identity
+    for side in sorted(ckpt.parents[2].glob("*/checkpoints/*.json")):
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError):
+            continue
+        other = side.with_suffix(".ckpt")
+        if isinstance(meta, dict) and meta.get("identity") == ident and other.is_file() and other != ckpt:
+            return other
+    return None
+
+
+def _reuse(job: TrainJob, src: Path) -> None:
+    """Copy ``src`` and its sidecar to ``job``'s paths (the checkpoint last, atomically), naming the source."""
+    meta = {**json.loads(src.with_suffix(".json").read_text()), "name": job.name, "reused_from": str(src)}
+    atomic_bytes(job.meta_path, json.dumps(meta).encode())
+    atomic_write(job.ckpt, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def load_trained(job: TrainJob) -> tuple[Any, dict[str, Any]]:
