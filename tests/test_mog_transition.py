@@ -117,6 +117,24 @@ def test_mixture_is_the_one_the_source_draws_from():
     assert torch.equal(get_source("mog", **kw).images, drawn)
 
 
+def test_an_architecture_may_train_its_own_number_of_steps(tmp_path):
+    """``archs.<name>.max_steps`` trains that family longer at every N (its checkpoints get new names, the others'
+    stay); the network is built without it; a bad value is one sentence."""
+    cfg = mt.STUDY.load_config(quick=True, out=tmp_path)
+    before = {j.name: Path(j.ckpt).name for j in mt.jobs(cfg, (1, 8, 8))}
+    cfg["archs"]["dit"]["max_steps"] = 5
+    jobs = mt.jobs(cfg, (1, 8, 8))
+    assert {j.name: j.max_steps for j in jobs} == {f"{a} N={n}": 5 if a == "dit" else 3 for n in cfg["sizes"]
+                                                   for a in ("unet", "dit")}
+    assert all("max_steps" not in j.arch for j in jobs) and mt.arch_steps(cfg) == {"unet": 3, "dit": 5}
+    assert [Path(j.ckpt).name == before[j.name] for j in jobs] == [True, False] * len(cfg["sizes"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("archs:\n  dit: {class_path: DiT, init_args: {patch_size: 4}, max_steps: 0}\n")
+    with pytest.raises(SystemExit) as exc:
+        mt.main(["--config", str(bad), "--out", str(tmp_path / "o")])
+    assert str(exc.value.code).startswith("error: archs.dit.max_steps must be a positive integer")
+
+
 def test_crossings_name_the_first_size_where_the_mog_wins():
     def rows(a, emp, mog):
         return [{"N": n, "a": a, "b": b, "rp": v} for n, e, m in zip((16, 64, 256), emp, mog)

@@ -44,7 +44,8 @@ from .steps import (
 )
 from .training import TrainJob, module_kwargs_from, run_training_jobs, study_job
 
-__all__ = ["STUDY", "QUICK", "COLUMNS", "EMPIRICAL", "MOG", "mixture", "mog_pixel_calibration", "jobs", "run_key",
+__all__ = ["STUDY", "QUICK", "COLUMNS", "EMPIRICAL", "MOG", "mixture", "mog_pixel_calibration", "jobs", "arch_steps",
+           "run_key",
            "crossings", "run", "plot", "main"]
 
 #: the names of the two closed forms in the CSV (``a`` / ``b``) and in ``samples/N<N>.pt``
@@ -89,7 +90,10 @@ def mixture(data: dict[str, Any], device: torch.device | str | None = None):
 
 def _check(cfg: dict[str, Any]) -> list[int]:
     if not isinstance(cfg["archs"], dict) or not cfg["archs"]:
-        raise ValueError("archs must be a non-empty mapping of name -> {class_path, init_args}.")
+        raise ValueError("archs must be a non-empty mapping of name -> {class_path, init_args[, max_steps]}.")
+    for name, spec in cfg["archs"].items():
+        if isinstance(spec, dict) and spec.get("max_steps") is not None:
+            positive_int(spec["max_steps"], f"archs.{name}.max_steps")
     clash = sorted({EMPIRICAL, MOG} & set(cfg["archs"]))
     if clash:
         raise ValueError(f"archs may not be named {clash}: those are the names of the closed forms.")
@@ -143,9 +147,15 @@ def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> list[TrainJob]:
     for n in sorted(cfg["sizes"]):
         for name, spec in cfg["archs"].items():
             ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_N{n}_{run_key(spec, n, cfg)}.ckpt"
-            out.append(study_job(cfg, f"{name} N={n}", spec, image_shape, module_kwargs,
-                                 subset_kwargs(cfg["data"], n), ckpt))
+            net = {k: v for k, v in spec.items() if k != "max_steps"}
+            out.append(study_job(cfg, f"{name} N={n}", net, image_shape, module_kwargs,
+                                 subset_kwargs(cfg["data"], n), ckpt, max_steps=spec.get("max_steps")))
     return out
+
+
+def arch_steps(cfg: dict[str, Any]) -> dict[str, int]:
+    """Training steps per architecture: its own ``max_steps`` if it names one, else ``train.max_steps``."""
+    return {name: int(spec.get("max_steps") or cfg["train"]["max_steps"]) for name, spec in cfg["archs"].items()}
 
 
 def _pairs(archs: list[str]) -> list[tuple[str, str]]:
@@ -249,9 +259,10 @@ def run(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     st = setup_study(cfg)
     t_start = time.time()
     mog, shape = mixture(cfg["data"], st.device), source_image_shape(cfg["data"])
-    log(f"mog_transition: {mog!r}, {len(cfg['archs'])} architectures x N in {sizes}, {cfg['train']['max_steps']} "
-        f"steps each, {len(st.seeds)} seeds ({st.sampler}, {st.steps} steps), {st.descriptor_name} descriptor "
-        f"threshold {st.threshold:g} -> {st.out}")
+    steps = ", ".join(f"{a} {k}" for a, k in arch_steps(cfg).items())
+    log(f"mog_transition: {mog!r}, {len(cfg['archs'])} architectures x N in {sizes}, training steps {steps}, "
+        f"{len(st.seeds)} seeds ({st.sampler}, {st.steps} steps), {st.descriptor_name} descriptor threshold "
+        f"{st.threshold:g} -> {st.out}")
     calibration = _calibrate(cfg, st, mog)
     all_jobs = jobs(cfg, shape)
     run_training_jobs(all_jobs, cfg["workers"])
