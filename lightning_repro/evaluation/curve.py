@@ -12,6 +12,8 @@ the options given (same seeds, sampler, descriptor and threshold) into ``DIR/ste
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import re
 import sys
 from collections.abc import Sequence
@@ -51,7 +53,6 @@ def _split(argv: Sequence[str]) -> tuple[list[str], Path, list[str]]:
 
 def run(argv: Sequence[str], log=print) -> list[dict]:
     """The rows of ``curve.csv``, one per common step, after writing it and ``curve.png``."""
-    from ..studies.outputs import write_csv
     from .cli import main as evaluate
     from .common import output_folder
 
@@ -69,7 +70,7 @@ def run(argv: Sequence[str], log=print) -> list[dict]:
         rows.append({"step": s, **{k: res[k] for k in COLUMNS[1:]}})
         log(f"step {s}: RP {res['rp']:.4f}  mean similarity {res['mean_similarity']:.4f}  GL {res['gl_a']:.3f} / "
             f"{res['gl_b']:.3f}")
-    write_csv(rows, out / "curve.csv", COLUMNS)
+    _write_csv(rows, out / "curve.csv")
     names = Path(run_a).name, Path(run_b).name
     _plot(rows, out / "curve.png", *names)
     log(f"RP({names[0]}, {names[1]}) at steps {', '.join(map(str, steps))}: "
@@ -78,15 +79,23 @@ def run(argv: Sequence[str], log=print) -> list[dict]:
     return rows
 
 
+def _write_csv(rows: list[dict], path: Path) -> None:
+    from ..files import atomic_write_bytes
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
 def _plot(rows: list[dict], path: Path, name_a: str, name_b: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..files import atomic_write_bytes
 
-    from ..studies.outputs import save_figure
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6), dpi=120)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     steps = [r["step"] for r in rows]
     left.plot(steps, [r["rp"] for r in rows], marker="o", color="k", label="RP")
     left.plot(steps, [r["mean_similarity"] for r in rows], marker=".", ls="--", color="grey", label="mean similarity")
@@ -100,7 +109,9 @@ def _plot(rows: list[dict], path: Path, name_a: str, name_b: str) -> None:
     last = rows[-1]
     fig.suptitle(f"{last['descriptor']} descriptor, threshold {last['threshold']:g}, {last['n']} seeds", fontsize=9)
     fig.tight_layout()
-    save_figure(fig, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
