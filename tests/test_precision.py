@@ -59,6 +59,23 @@ def test_command_rp_equals_the_evaluation_cli_and_zero_perturbation_is_exact(ckp
     assert (tmp_path / "precision.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_reference_that_is_not_optimal_is_one_sentence(ckpt, tmp_path):
-    with pytest.raises(ValueError, match=r"^--reference must be an optimal: spec"):
+def test_a_mog_reference_measures_the_errors_along_the_mixtures_trajectories(ckpt, tmp_path):
+    """``--reference mog:...``: no perturbations, the errors along the closed form's trajectories, and the RP of
+    ``evaluate.py --pair CKPT mog:...``; ``--stds`` with it is one sentence."""
+    spec = "mog:mog?rank=3&num_samples=64&size=16"
+    res = main([ckpt, "--reference", spec, "--seeds", "0-7", "--steps", "4", "--out", str(tmp_path)])
+    label = next(iter(res["rp"]))
+    alone = ev.main(["--pair", ckpt, spec, "--seeds", "0-7", "--steps", "4", "--no-wandb", "--no-progress", "--out",
+                     str(tmp_path / "pair")])
+    assert res["perturbed"] == [] and res["rp"][label] == alone["rp"]
+    mog = ev.resolve_model(spec).denoiser(torch.device("cpu"))
+    probe = TrajectoryErrors(mog, {label: ev.resolve_model(ckpt).denoiser(torch.device("cpu"))})
+    sample(probe, "edm", "0-7", (1, 8, 8), steps=4)
+    assert res["errors"] == probe.rms()
+    with pytest.raises(ValueError, match=r"^--stds perturbs the training images of an optimal: reference; a mog: "):
+        main([ckpt, "--reference", spec, "--stds", "0.1", "--out", str(tmp_path / "o")])
+
+
+def test_a_reference_that_is_not_a_closed_form_is_one_sentence(ckpt, tmp_path):
+    with pytest.raises(ValueError, match=r"^--reference must be an optimal: or mog: spec"):
         main([ckpt, "--reference", ckpt, "--seeds", "0-3", "--out", str(tmp_path)])

@@ -11,6 +11,9 @@ seeds with the same deterministic Heun sampler:
 * ``TrajectoryErrors``: the rms error per pixel of other denoisers (trained networks) against ``D*`` at every noise
   level the sampler visits along ``D*``'s own trajectories, to read off where, and by how much, a network is off.
 
+With ``--reference mog:`` (the closed form of a low-rank mixture, Prop. 2) only the second measurement is made:
+the networks' errors along the mixture's own trajectories (the generalisation regime's counterpart).
+
 Command (the evaluation stack resolves models and scores, so it is imported only by ``main``)::
 
     python -m lightning_repro.sampling.precision [CKPT ...] [--reference optimal:] --stds 0.02 0.05 0.1 \
@@ -29,7 +32,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["TrajectoryErrors", "perturbed_images", "main"]
+__all__ = ["TrajectoryErrors", "perturbed_images", "main", "DEFAULT_STDS"]
+
+#: the perturbation stds of an ``optimal:`` reference when ``--stds`` is not given
+DEFAULT_STDS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 
 class TrajectoryErrors:
@@ -75,10 +81,12 @@ def _parser() -> argparse.ArgumentParser:
                                 description="RP of the optimal denoiser against itself with perturbed training "
                                             "images, and the error of trained networks along its trajectories.")
     p.add_argument("models", nargs="*", help="checkpoints (or other model specs) whose error to measure")
-    p.add_argument("--reference", default="optimal:", help="the optimal denoiser: optimal: (the first model's "
-                   "training subset) or optimal:<data spec> (default optimal:)")
-    p.add_argument("--stds", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2],
-                   help="per-pixel perturbation stds of the training images ([-1, 1] pixels)")
+    p.add_argument("--reference", default="optimal:", help="a closed form: optimal: (the first model's training "
+                   "subset), optimal:<data spec>, or mog: (the mixture of the first model's mog source; errors only) "
+                   "(default optimal:)")
+    p.add_argument("--stds", type=float, nargs="+", default=None,
+                   help=f"per-pixel perturbation stds of the training images ([-1, 1] pixels; optimal: only; default "
+                        f"{' '.join(map(str, DEFAULT_STDS))})")
     p.add_argument("--perturbation-seed", type=int, default=0)
     p.add_argument("--seeds", default="0-255", help="seeds (default 0-255)")
     p.add_argument("--steps", type=int, default=18, help="Heun noise levels (default 18)")
@@ -100,9 +108,13 @@ def run(args, log=print) -> dict:
 
     out = output_folder(args.out)
     *models, ref = resolve_models([*args.models, args.reference])
-    if ref.kind != "optimal":
-        raise ValueError(f"--reference must be an optimal: spec (the optimal denoiser of a training set), got "
+    if ref.kind not in ("optimal", "mog"):
+        raise ValueError(f"--reference must be an optimal: or mog: spec (a closed-form denoiser), got "
                          f"{args.reference!r}.")
+    if ref.kind == "mog" and args.stds:
+        raise ValueError("--stds perturbs the training images of an optimal: reference; a mog: reference has none "
+                         "(leave --stds out).")
+    stds = [] if ref.kind == "mog" else (DEFAULT_STDS if args.stds is None else args.stds)
     for spec, m in zip(args.models, models):
         if m.num_classes:
             raise ValueError(f"{spec} is class-conditional ({m.num_classes} classes); the precision command "
@@ -125,13 +137,13 @@ def run(args, log=print) -> dict:
         result["rp"][m.label] = score_pair(sample(nets[m.label]), ref_feats, tau)["rp"]
         log(f"{m.label}: RP vs {ref.label} {result['rp'][m.label]:.4f} | rms error per pixel along its "
             "trajectories: " + " ".join(f"{s:g}:{e:.3f}" for s, e in result["errors"][m.label].items()))
-    for std in args.stds:
+    for std in stds:
         pert = EmpiricalOptimalDenoiser(perturbed_images(images, std, args.perturbation_seed), device=device)
         got = score_pair(sample(pert), ref_feats, tau)
         result["perturbed"].append({"std": float(std), "rp": got["rp"], "mean_similarity": got["mean_similarity"]})
         log(f"images + {std:g} * N(0, 1) per pixel: RP vs {ref.label} {got['rp']:.4f}")
     _write(result, out, f"{ref.label} | {name}@{tau:g}, {len(seeds)} seeds, Heun {args.steps}")
-    log(f"done: {len(args.stds)} perturbations, {len(models)} model(s) | {out / 'precision.csv'} | "
+    log(f"done: {len(stds)} perturbations, {len(models)} model(s) | {out / 'precision.csv'} | "
         f"{out / 'errors.csv'} | {out / 'precision.png'}")
     return result
 
@@ -163,8 +175,8 @@ def _write(result: dict, out: Path, title: str) -> None:
         right.plot(list(errs), list(errs.values()), marker="o", ms=3, label=f"{m} (RP {result['rp'][m]:.2f})")
     for std in stds:
         right.axhline(std, color="k", lw=0.6, ls=":")
-    right.set(xscale="log", xlabel="sigma (along the optimal's trajectories)", ylabel="rms error per pixel",
-              title="networks against the optimal denoiser")
+    right.set(xscale="log", xlabel="sigma (along the reference's trajectories)", ylabel="rms error per pixel",
+              title="networks against the reference")
     for ax in (left, right):
         ax.grid(alpha=0.3)
     if result["errors"]:
