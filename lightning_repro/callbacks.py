@@ -10,8 +10,6 @@ the largest pairwise distance (sigma_max, Song & Ermon 2020, Technique 1) and th
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -228,14 +226,11 @@ def write_history(history: list[dict[str, float]], png: Path, title: str = "") -
     """``monitor.png`` (the curves against training steps) and ``monitor.csv`` beside it, both atomic."""
     from matplotlib.figure import Figure
 
-    from .files import atomic_write_bytes
+    from .files import atomic_write_csv
+    from .viz import save_figure
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(("step", *MONITOR_KEYS))
-    for r in history:
-        w.writerow((r["step"], *(repr(float(r[k])) for k in MONITOR_KEYS)))
-    atomic_write_bytes(png.with_suffix(".csv"), buf.getvalue().encode())
+    atomic_write_csv(png.with_suffix(".csv"), ("step", *MONITOR_KEYS),
+                     ((r["step"], *(repr(float(r[k])) for k in MONITOR_KEYS)) for r in history))
     fig = Figure(figsize=(6, 3.6), dpi=120)
     ax = fig.add_subplot()
     steps = [r["step"] for r in history]
@@ -245,6 +240,4 @@ def write_history(history: list[dict[str, float]], png: Path, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png")
-    atomic_write_bytes(png, out.getvalue())
+    save_figure(fig, png)

@@ -3,12 +3,15 @@ and SHA-256 digests of files (checkpoint identity, descriptor weights, published
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "file_sha256"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_csv", "file_sha256"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -34,6 +37,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see ``atomic_write``)."""
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write ``header`` and ``rows`` as CSV (``\\n`` line ends) to ``path`` atomically; values are written as given."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -1,4 +1,4 @@
-"""Image grids: float images in [-1, 1] (N×C×H×W) -> one PNG (written atomically)."""
+"""Image grids: float images in [-1, 1] (N×C×H×W) -> one PNG; matplotlib figures -> PNG (both written atomically)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .files import atomic_write_bytes
 
-__all__ = ["make_grid", "save_grid", "atomic_write_bytes"]
+__all__ = ["make_grid", "save_grid", "save_figure", "atomic_write_bytes"]
 
 
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 1, scale: int | None = None) -> np.ndarray:
@@ -43,5 +43,15 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, 
 
     buf = io.BytesIO()
     Image.fromarray(make_grid(images, nrow=nrow, **kw)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as a PNG at its own dpi, atomically; returns the path."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)

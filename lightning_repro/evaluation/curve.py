@@ -12,8 +12,6 @@ the options given (same seeds, sampler, descriptor and threshold) into ``DIR/ste
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import re
 import sys
 from collections.abc import Sequence
@@ -53,6 +51,7 @@ def _split(argv: Sequence[str]) -> tuple[list[str], Path, list[str]]:
 
 def run(argv: Sequence[str], log=print) -> list[dict]:
     """The rows of ``curve.csv``, one per common step, after writing it and ``curve.png``."""
+    from ..files import atomic_write_csv
     from .cli import main as evaluate
     from .common import output_folder
 
@@ -70,7 +69,8 @@ def run(argv: Sequence[str], log=print) -> list[dict]:
         rows.append({"step": s, **{k: res[k] for k in COLUMNS[1:]}})
         log(f"step {s}: RP {res['rp']:.4f}  mean similarity {res['mean_similarity']:.4f}  GL {res['gl_a']:.3f} / "
             f"{res['gl_b']:.3f}")
-    _write_csv(rows, out / "curve.csv")
+    atomic_write_csv(out / "curve.csv", COLUMNS,
+                     ([repr(v) if isinstance(v, float) else v for v in (r[k] for k in COLUMNS)] for r in rows))
     names = Path(run_a).name, Path(run_b).name
     _plot(rows, out / "curve.png", *names)
     log(f"RP({names[0]}, {names[1]}) at steps {', '.join(map(str, steps))}: "
@@ -79,20 +79,10 @@ def run(argv: Sequence[str], log=print) -> list[dict]:
     return rows
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
-    from ..files import atomic_write_bytes
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def _plot(rows: list[dict], path: Path, name_a: str, name_b: str) -> None:
     from matplotlib.figure import Figure
 
-    from ..files import atomic_write_bytes
+    from ..viz import save_figure
 
     fig = Figure(figsize=(9, 3.6), dpi=120)
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -109,9 +99,7 @@ def _plot(rows: list[dict], path: Path, name_a: str, name_b: str) -> None:
     last = rows[-1]
     fig.suptitle(f"{last['descriptor']} descriptor, threshold {last['threshold']:g}, {last['n']} seeds", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

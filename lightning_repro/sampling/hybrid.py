@@ -15,8 +15,6 @@ Command (the evaluation stack resolves the models and scores, so it is imported 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,14 +126,12 @@ def _write(rows: list[dict[str, float]], out: Path, title: str) -> None:
     """``hybrid.csv`` and ``hybrid.png``: RP vs sigma_switch on a log axis; sigma_switch = 0 as a dashed line."""
     from matplotlib.figure import Figure
 
-    from ..files import atomic_write_bytes
+    from ..files import atomic_write_csv
+    from ..viz import save_figure
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(("sigma_switch", "rp", "mean_similarity", "mae_mean", "n"))
-    for r in rows:
-        w.writerow((repr(r["sigma_switch"]), repr(r["rp"]), repr(r["mean_similarity"]), repr(r["mae_mean"]), r["n"]))
-    atomic_write_bytes(out / "hybrid.csv", buf.getvalue().encode())
+    atomic_write_csv(out / "hybrid.csv", ("sigma_switch", "rp", "mean_similarity", "mae_mean", "n"),
+                     ((repr(r["sigma_switch"]), repr(r["rp"]), repr(r["mean_similarity"]), repr(r["mae_mean"]), r["n"])
+                      for r in rows))
     fig = Figure(figsize=(6, 3.6), dpi=120)
     ax = fig.add_subplot()
     pos = sorted((r for r in rows if 0 < r["sigma_switch"] < math.inf), key=lambda r: r["sigma_switch"])
@@ -149,9 +145,7 @@ def _write(rows: list[dict[str, float]], out: Path, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    atomic_write_bytes(out / "hybrid.png", png.getvalue())
+    save_figure(fig, out / "hybrid.png")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:

@@ -23,8 +23,6 @@ Command (the evaluation stack resolves models and scores, so it is imported only
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -152,19 +150,14 @@ def _write(result: dict, out: Path, title: str) -> None:
     """``precision.csv`` (std, rp, mean_similarity), ``errors.csv`` (model, sigma, rms, rp) and ``precision.png``."""
     from matplotlib.figure import Figure
 
-    from ..files import atomic_write_bytes
+    from ..files import atomic_write_csv
+    from ..viz import save_figure
 
-    for fname, header, rows in (
-        ("precision.csv", ("std", "rp", "mean_similarity"),
-         [(repr(r["std"]), repr(r["rp"]), repr(r["mean_similarity"])) for r in result["perturbed"]]),
-        ("errors.csv", ("model", "sigma", "rms_error_per_pixel", "rp"),
-         [(m, repr(s), repr(e), repr(result["rp"][m])) for m, errs in result["errors"].items() for s, e in errs.items()]),
-    ):
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
-        atomic_write_bytes(out / fname, buf.getvalue().encode())
+    atomic_write_csv(out / "precision.csv", ("std", "rp", "mean_similarity"),
+                     [(repr(r["std"]), repr(r["rp"]), repr(r["mean_similarity"])) for r in result["perturbed"]])
+    atomic_write_csv(out / "errors.csv", ("model", "sigma", "rms_error_per_pixel", "rp"),
+                     [(m, repr(s), repr(e), repr(result["rp"][m])) for m, errs in result["errors"].items()
+                      for s, e in errs.items()])
     fig = Figure(figsize=(10, 3.8), dpi=120)
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     stds = [r["std"] for r in result["perturbed"]]
@@ -183,9 +176,7 @@ def _write(result: dict, out: Path, title: str) -> None:
         right.legend(fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(out / "precision.png", buf.getvalue())
+    save_figure(fig, out / "precision.png")
 
 
 def main(argv: list[str] | None = None) -> dict:
