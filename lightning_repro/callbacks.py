@@ -155,12 +155,9 @@ class ReproducibilityMonitor(Callback):
             labels = dm.labels if pl_module.num_classes else None
             den = EmpiricalOptimalDenoiser(dm.images, labels, device=pl_module.device)
             return self._sample(den, pl_module.kernel, pl_module)
-        from types import SimpleNamespace
-
         from .evaluation import resolve_model
 
-        partner = SimpleNamespace(data=pl_module.data_kwargs(dm), kernel_spec=None)  # what mog: / optimal:?... mean
-        ref = resolve_model(self.reference, partner)
+        ref = resolve_model(self.reference, data=pl_module.data_kwargs(dm))  # what mog: / optimal:?... mean
         if tuple(ref.image_shape) != tuple(pl_module.image_shape):
             raise ValueError(f"ReproducibilityMonitor: reference {self.reference} makes {ref.image_shape} images but "
                              f"the model makes {tuple(pl_module.image_shape)}; they must have one image shape.")

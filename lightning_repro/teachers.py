@@ -216,12 +216,9 @@ def load_teacher(spec: str, image_shape, num_classes: int = 0, data: dict[str, A
     ...) as a ``Teacher`` for a student of ``image_shape`` / ``num_classes``; ``data`` (the student's
     ``SubsetDataModule`` kwargs) is what ``optimal:`` without a source means.  A teacher of another image shape or
     class count is refused with one sentence."""
-    from types import SimpleNamespace
-
     from .evaluation.references import resolve_model
 
-    partner = SimpleNamespace(data=dict(data) if data is not None else None, kernel_spec=None)
-    ref = resolve_model(str(spec), partner)
+    ref = resolve_model(str(spec), data=data)
     shape, want = tuple(int(v) for v in ref.image_shape), tuple(int(v) for v in image_shape)
     if shape != want:
         raise ValueError(f"teacher {spec} makes {'x'.join(map(str, shape))} images but the student's data are "

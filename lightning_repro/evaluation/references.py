@@ -424,8 +424,14 @@ def checkpoint_label(path: Path) -> str:
     return f"{run}/{path.stem}" if run else path.stem
 
 
-def resolve_model(text: str, partner: Reference | None = None) -> Reference:
-    """Command-line model spec -> ``Reference`` (``partner`` feeds ``optimal:`` without a source)."""
+def resolve_model(text: str, partner: Reference | None = None, *, data: dict[str, Any] | None = None,
+                  kernel_spec: dict[str, Any] | None = None) -> Reference:
+    """Command-line model spec -> ``Reference``.  ``partner`` feeds ``optimal:`` / ``mog:`` without a source; with
+    no partner model, ``data`` (``SubsetDataModule`` kwargs) and ``kernel_spec`` (``{"name", "kwargs"}``) do."""
+    if partner is None and (data is not None or kernel_spec is not None):
+        from types import SimpleNamespace
+
+        partner = SimpleNamespace(data=dict(data) if data is not None else None, kernel_spec=kernel_spec)
     cls, spec = _kind_of(text)
     return cls.from_spec(spec, text, partner)
 

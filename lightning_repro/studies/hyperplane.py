@@ -167,13 +167,11 @@ def _check(cfg: dict[str, Any]) -> None:
 def _checkpoint_denoiser(name: str, spec: str, shape, cfg: dict[str, Any], device) -> tuple[Any, Any]:
     """The denoiser and kernel of a given model spec (``evaluation.resolve_model``: a checkpoint's EMA denoiser, a
     published model, ...); one sentence unless it is an unconditional pixel-space model of ``shape``."""
-    from types import SimpleNamespace
-
     from ..evaluation.references import resolve_model
 
     data = subset_kwargs(cfg["data"], int(cfg["size"]), batch_size=None)  # what optimal:<no source> means
     try:
-        ref = resolve_model(spec, SimpleNamespace(data=data, kernel_spec={"name": cfg["kernel"], "kwargs": {}}))
+        ref = resolve_model(spec, data=data, kernel_spec={"name": cfg["kernel"], "kwargs": {}})
     except ValueError as err:
         raise ValueError(f"models.{name}: {err}") from None
     if tuple(ref.sample_shape) != tuple(ref.image_shape):
