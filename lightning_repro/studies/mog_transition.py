@@ -45,8 +45,7 @@ from .steps import (
 from .training import TrainJob, module_kwargs_from, run_training_jobs, study_job
 
 __all__ = ["STUDY", "QUICK", "COLUMNS", "EMPIRICAL", "MOG", "mixture", "mog_pixel_calibration", "jobs", "arch_steps",
-           "run_key",
-           "crossings", "run", "plot", "main"]
+           "run_key", "crossings", "run", "plot", "main"]
 
 #: the names of the two closed forms in the CSV (``a`` / ``b``) and in ``samples/N<N>.pt``
 EMPIRICAL, MOG = "empirical_optimal", "mog_closed_form"
@@ -143,13 +142,13 @@ def run_key(arch_spec: dict, n: int, cfg: dict) -> str:
 def jobs(cfg: dict[str, Any], image_shape: tuple[int, ...]) -> list[TrainJob]:
     """One ``TrainJob`` per (N, architecture), checkpoint ``<out>/checkpoints/<arch>_N<N>_<run_key>.ckpt``."""
     module_kwargs = module_kwargs_from(cfg["kernel"], cfg["train"], lr_decay=cfg["train"].get("lr_decay"))
-    out = []
+    out, steps = [], arch_steps(cfg)
     for n in sorted(cfg["sizes"]):
         for name, spec in cfg["archs"].items():
             ckpt = Path(cfg["out"]) / "checkpoints" / f"{name}_N{n}_{run_key(spec, n, cfg)}.ckpt"
             net = {k: v for k, v in spec.items() if k != "max_steps"}
             out.append(study_job(cfg, f"{name} N={n}", net, image_shape, module_kwargs,
-                                 subset_kwargs(cfg["data"], n), ckpt, max_steps=spec.get("max_steps")))
+                                 subset_kwargs(cfg["data"], n), ckpt, max_steps=steps[name]))
     return out
 
 
